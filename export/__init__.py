@@ -1,0 +1,20 @@
+"""Export BGE models to verified ONNX artifact folders (needs ``pip install 'bge-edge[export]'``)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from bge_edge.runtime.errors import MissingExtraError
+
+_missing = [m for m in ("torch", "transformers", "onnx", "safetensors") if importlib.util.find_spec(m) is None]
+if _missing:
+    raise MissingExtraError(f"bge_edge.export needs {', '.join(_missing)}, not installed: run "
+                            f"pip install 'bge-edge[export]'  (on CPU-only machines install torch first from "
+                            f"the CPU wheel index to avoid a multi-GB CUDA build)")
+
+from .pipeline import PRECISIONS, ExportError, export_model  # noqa: E402
+from .source import SourceError  # noqa: E402
+from .synthetic import FULL_BGE_SMALL, FULL_M3, TINY_BERT, TINY_M3, ModelShape, build_random_model  # noqa: E402
+
+__all__ = ["export_model", "ExportError", "SourceError", "PRECISIONS", "build_random_model", "ModelShape",
+           "TINY_M3", "TINY_BERT", "FULL_M3", "FULL_BGE_SMALL"]

@@ -1,0 +1,257 @@
+"""``export_model``: source folder -> verified artifact folder, written atomically.
+
+Steps (each timed on stderr): load, trace, fuse, quantise / convert, check against the reference,
+hash, write the manifest, rename the temporary folder into place. Any failure or interrupt removes
+the temporary folder, so ``--out`` is either the whole artifact or absent.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from bge_edge.runtime.errors import ArtifactError
+from bge_edge.runtime.integrity import sha256_file
+from bge_edge.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, GraphEntry, Manifest
+
+from . import check, graph
+from .source import SourceModel, inspect_model, load_torch_modules, resolve_model
+
+__all__ = ["export_model", "ExportError", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "int8", "fp16")
+_TMP_PREFIX = ".bge-edge-export-"
+
+
+class ExportError(ArtifactError):
+    """Export refused or failed; the message says why and what to do."""
+
+
+class _Progress:
+    def __init__(self, stream: Any, quiet: bool) -> None:
+        self.stream, self.quiet, self.start = stream, quiet, time.perf_counter()
+
+    @contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        t = time.perf_counter()
+        if not self.quiet:
+            print(f"  {what} ...", file=self.stream, flush=True)
+        yield
+        if not self.quiet:
+            print(f"  {what}: done in {time.perf_counter() - t:.1f} s", file=self.stream, flush=True)
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"  {msg}", file=self.stream, flush=True)
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ExportError(f"--out {out} already exists; choose another folder or pass --force to replace it.")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a folder; remove it or choose another path.")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK) or (parent.exists() and not parent.is_dir()):
+        raise ExportError(f"cannot write --out {out}: {probe} is not a writable folder. Choose a writable path.")
+
+
+def _clean_stale_tmp(parent: Path) -> None:
+    """Remove temporary folders left by exports that were killed (their process no longer exists)."""
+    if not parent.is_dir():
+        return
+    for p in parent.glob(_TMP_PREFIX + "*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            pass
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import tokenizers
+    import torch
+    import transformers
+
+    import bge_edge
+
+    return {"bge_edge": bge_edge.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "tokenizers": tokenizers.__version__,
+            "python": platform.python_version()}
+
+
+def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str], precisions: Sequence[str] = ("fp32", "int8"),
+                 *, kind: str = "auto", force: bool = False, min_int8_cosine: float = check.MIN_INT8_COSINE,
+                 query_instruction: str | None = None, max_length: int | None = None, quiet: bool = False,
+                 stream: Any = None, _after_step: Callable[[str], None] | None = None) -> Manifest:
+    """Export ``model`` (local folder or hub id) to the artifact folder ``out``; return its manifest.
+
+    ``precisions`` is any of fp32, int8, fp16. INT8 whose mean dense cosine to FP32 on the calibration
+    set is below ``min_int8_cosine`` is refused (pass 0 for random-weight benchmark models).
+    """
+    precisions = tuple(dict.fromkeys(precisions))
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or not precisions:
+        raise ExportError(f"unknown precision(s) {bad or '(none)'}; choose from {list(PRECISIONS)}.")
+    try:
+        import onnx  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        from bge_edge.runtime.errors import MissingExtraError
+
+        raise MissingExtraError(f"export needs {e.name!r}, which is not installed: run "
+                                f"pip install 'bge-edge[export]'") from None
+    out = Path(out).expanduser().absolute()
+    _check_out(out, force)
+    log = _Progress(stream or sys.stderr, quiet)
+    note = _after_step or (lambda step: None)
+    t0 = time.perf_counter()
+    path, model_id, revision = resolve_model(str(model))
+    src = inspect_model(path, model_id, revision, kind=kind, query_instruction=query_instruction,
+                        max_length=max_length)
+    log.say(f"exporting {model_id} as kind={src.kind} heads={list(src.heads)} pooling={src.pooling} "
+            f"max_length={src.max_length} -> {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(out.parent)
+    tmp = out.parent / f"{_TMP_PREFIX}{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        manifest = _export_into(src, tmp, precisions, min_int8_cosine, log, note)
+        _finalize(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.say(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+    return manifest
+
+
+def _export_into(src: SourceModel, tmp: Path, precisions: tuple[str, ...], min_int8_cosine: float, log: _Progress,
+                 note: Callable[[str], None]) -> Manifest:
+    work = tmp / ".work"
+    (work / "trace").mkdir(parents=True)
+    shutil.copyfile(src.path / "tokenizer.json", tmp / "tokenizer.json")
+    with log.step("loading PyTorch model"):
+        modules = load_torch_modules(src)
+        module = graph.graph_module(src, *modules)
+    note("loaded")
+    traced = work / "trace" / "model.onnx"
+    with log.step("tracing to ONNX"):
+        graph.trace_onnx(src, modules, traced)
+    note("traced")
+    fp32 = tmp / "model.fp32.onnx"
+    with log.step("fusing for CPU (ONNX Runtime transformer optimiser)"):
+        fused_stats, fp32_extra = graph.fuse_for_cpu(src, traced, fp32)
+    log.say(f"fused: {fused_stats}")
+    note("fused")
+    shutil.rmtree(work / "trace")
+    pad = int(src.special_tokens["pad"] or 0)
+    ids = check.tokenize(tmp / "tokenizer.json", check.CALIBRATION_TEXTS, src.max_length)
+    with log.step("checking fp32 graph against PyTorch"):
+        ref = check.run_torch(module, ids)
+        del modules, module
+        got32 = check.run_graph(fp32, ids, pad)
+        par = check.parity(ref, got32)
+    log.say(f"fp32 parity: {par}")
+    worst = max(par.values())
+    if worst > check.PARITY_TOLERANCE:
+        raise ExportError(f"the fp32 graph differs from PyTorch by {worst:.2e} (> {check.PARITY_TOLERANCE:.0e}); "
+                          f"refusing to write it. This is a bug in the export: please report it.")
+    graphs = []
+    quant_note = {"method": "none"}
+    graphs_files: dict[str, list[str]] = {"fp32": fp32_extra}
+    if "fp32" in precisions:
+        graphs.append(GraphEntry(file=fp32.name, format="onnx", precision="fp32", opset=graph.OPSET, cpu_target="any",
+                                 external_data=tuple(fp32_extra), fused=True, quantization=quant_note,
+                                 accuracy={"reference": "pytorch fp32", "n_texts": len(ids), **par}))
+    if "int8" in precisions:
+        g, files = _int8(src, tmp, fp32, ids, pad, got32, min_int8_cosine, log)
+        graphs.append(g)
+        graphs_files["int8"] = files
+        note("int8")
+    if "fp16" in precisions:
+        f16 = tmp / "model.fp16.onnx"
+        with log.step("converting to fp16"):
+            extra = graph.convert_fp16(fp32, f16)
+        acc = check.agreement(got32, check.run_graph(f16, ids, pad))
+        log.say(f"fp16 vs fp32: {acc}")
+        if acc["dense_cosine_mean"] < check.MIN_FP16_COSINE:
+            raise ExportError(f"fp16 dense cosine to fp32 is {acc['dense_cosine_mean']} (< {check.MIN_FP16_COSINE}); "
+                              f"refusing to write it.")
+        graphs.append(GraphEntry(file=f16.name, format="onnx", precision="fp16", opset=graph.OPSET, cpu_target="gpu",
+                                 external_data=tuple(extra), fused=True, quantization={"method": "fp16 weights+compute"},
+                                 accuracy={"reference": "onnx fp32 graph", "n_texts": len(ids), **acc}))
+        note("fp16")
+    if "fp32" not in precisions:
+        for f in [fp32, *(tmp / e for e in fp32_extra)]:
+            f.unlink()
+    shutil.rmtree(work)
+    with log.step("hashing files"):
+        files = {p.relative_to(tmp).as_posix(): FileEntry(size=p.stat().st_size, sha256=sha256_file(p))
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, source={"model_id": src.model_id, "revision": src.revision},
+        kind=src.kind, heads=src.heads, pooling=src.pooling, hidden_size=src.hidden_size, max_length=src.max_length,
+        special_tokens=src.special_tokens, query_instruction=src.query_instruction, tokenizer="tokenizer.json",
+        graphs=tuple(graphs), files=files, exporter=_versions(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+    return manifest
+
+
+def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: int, got32: list[list[Any]],
+          min_cos: float, log: _Progress) -> tuple[GraphEntry, list[str]]:
+    """All MatMuls INT8 per-channel first; if the cosine is under the bar, keep FFN down-projections fp32."""
+    import onnx
+
+    i8 = tmp / "model.int8.onnx"
+    down = graph.ffn_down_projections(onnx.load(str(fp32), load_external_data=False))
+    acc: dict[str, Any] = {}
+    for keep in ([], down):
+        with log.step("quantising to int8" + (" (FFN down-projections kept fp32)" if keep else "")):
+            extra = graph.quantize_int8(fp32, i8, keep_fp32=keep, quantize_embeddings=True)
+        acc = check.agreement(got32, check.run_graph(i8, ids, pad))
+        log.say(f"int8 vs fp32: {acc}")
+        if acc["dense_cosine_mean"] >= min_cos:
+            break
+    else:
+        for f in [i8, *(tmp / e for e in extra)]:
+            f.unlink(missing_ok=True)
+        raise ExportError(
+            f"int8 mean dense cosine to fp32 is {acc['dense_cosine_mean']} on the calibration set, under the "
+            f"threshold {min_cos}; refusing to write it. Export fp32 instead, or pass --min-int8-cosine 0 if the "
+            f"weights are random (benchmarks).")
+    quant = {"method": "onnxruntime dynamic int8", "weights": "int8 signed, per-channel", "activations":
+             "uint8 per-tensor, computed at run time", "embeddings": "int8 per-tensor (Gather)",
+             "kept_fp32": keep, "ops": ["MatMul", "Attention", "Gather"]}
+    entry = GraphEntry(file=i8.name, format="onnx", precision="int8", opset=graph.OPSET,
+                       cpu_target="any x86-64/arm64; fastest with AVX512-VNNI/AVX-VNNI/ARM dotprod",
+                       external_data=tuple(extra), fused=True, quantization=quant,
+                       accuracy={"reference": "onnx fp32 graph", "n_texts": len(ids), **acc,
+                                 "threshold_dense_cosine_mean": min_cos})
+    return entry, extra
+
+
+def _finalize(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an existing --out (only with --force) is replaced."""
+    if out.exists():
+        old = out.parent / f"{_TMP_PREFIX}old-{out.name}-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

@@ -1,0 +1,212 @@
+"""Read a source model folder (Hugging Face layout) and decide what to export: kind, heads, pooling,
+max length, special tokens, query instruction. Loads the PyTorch modules for tracing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bge_edge.runtime.errors import ArtifactError
+
+__all__ = ["SourceModel", "resolve_model", "inspect_model", "load_torch_modules"]
+
+M3_HEAD_FILES = ("sparse_linear.pt", "colbert_linear.pt")
+BGE_EN_INSTRUCTION = "Represent this sentence for searching relevant passages: "
+BGE_ZH_INSTRUCTION = "为这个句子生成表示以用于检索相关文章："
+
+
+class SourceError(ArtifactError):
+    """The source model cannot be exported as asked."""
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """What export needs to know about a source model folder."""
+
+    path: Path
+    model_id: str
+    revision: str | None
+    kind: str  # "m3" | "dense"
+    model_type: str
+    heads: tuple[str, ...]
+    pooling: str
+    hidden_size: int
+    num_heads: int
+    max_length: int
+    special_tokens: dict[str, int | None]
+    query_instruction: str
+
+
+def resolve_model(model: str) -> tuple[Path, str, str | None]:
+    """A local folder as is, or a hub id downloaded with huggingface_hub; returns (path, id, revision)."""
+    p = Path(model).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise SourceError(f"{model!r} is a file, not a model folder; pass a folder in Hugging Face layout "
+                              f"(config.json, weights, tokenizer.json).")
+        return p.resolve(), p.resolve().name, None
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise SourceError(f"model folder {model!r} does not exist. Pass a local folder in Hugging Face layout, "
+                          f"or a hub id such as BAAI/bge-m3.")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise SourceError(f"{model!r} is not a local folder and huggingface_hub is not installed; pass a local "
+                          f"folder, or `pip install 'bge-edge[export]'`.") from None
+    try:
+        local = Path(snapshot_download(model, allow_patterns=[
+            "*.json", "*.safetensors", "*.pt", "*.txt", "*.model", "1_Pooling/*"]))
+    except Exception as e:  # network, auth, missing repo: all mean "cannot fetch"
+        raise SourceError(f"could not download {model!r} from the Hugging Face hub ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else 'no detail'}). Offline, download the model "
+                          f"elsewhere and pass its local folder instead.") from None
+    return local, model, local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"{path} is not a JSON object")
+    return data
+
+
+def _pooling(root: Path) -> str:
+    cfg_path = root / "1_Pooling" / "config.json"
+    if not cfg_path.is_file():
+        return "cls"
+    cfg = _read_json(cfg_path)
+    modes = [k for k in ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
+                         "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
+                         "pooling_mode_lasttoken") if cfg.get(k)]
+    if modes == ["pooling_mode_cls_token"]:
+        return "cls"
+    if modes == ["pooling_mode_mean_tokens"]:
+        return "mean"
+    raise SourceError(f"{cfg_path} asks for pooling {modes or 'none'}; bge-edge supports CLS or mean pooling only.")
+
+
+def _max_length(root: Path, config: dict[str, Any], model_type: str) -> int:
+    positions = int(config.get("max_position_embeddings", 512)) - (2 if model_type == "xlm-roberta" else 0)
+    for fname, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
+        f = root / fname
+        if f.is_file():
+            v = _read_json(f).get(key)
+            if isinstance(v, int) and 0 < v <= 1_000_000:
+                return min(v, positions)
+    return positions
+
+
+def _special_tokens(root: Path, tokenizer: Any) -> dict[str, int | None]:
+    names: dict[str, Any] = {}
+    for fname in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (root / fname).is_file():
+            names.update({k: v for k, v in _read_json(root / fname).items() if k.endswith("_token")})
+
+    def tid(*keys: str) -> int | None:
+        for k in keys:
+            v = names.get(k)
+            if isinstance(v, dict):
+                v = v.get("content")
+            if isinstance(v, str) and tokenizer.token_to_id(v) is not None:
+                return int(tokenizer.token_to_id(v))
+        return None
+
+    return {"cls": tid("cls_token", "bos_token"), "eos": tid("eos_token", "sep_token"), "pad": tid("pad_token"),
+            "unk": tid("unk_token"), "mask": tid("mask_token")}
+
+
+def _query_instruction(root: Path, model_id: str) -> str:
+    st_cfg = root / "config_sentence_transformers.json"
+    if st_cfg.is_file():
+        prompts = _read_json(st_cfg).get("prompts") or {}
+        if isinstance(prompts, dict) and isinstance(prompts.get("query"), str) and prompts["query"]:
+            return prompts["query"]
+    name = model_id.lower()
+    if re.search(r"bge-(small|base|large)-en(-v1\.5)?$", name):
+        return BGE_EN_INSTRUCTION
+    if re.search(r"bge-(small|base|large)-zh(-v1\.5)?$", name):
+        return BGE_ZH_INSTRUCTION
+    return ""
+
+
+def inspect_model(path: Path, model_id: str, revision: str | None = None, kind: str = "auto",
+                  query_instruction: str | None = None, max_length: int | None = None) -> SourceModel:
+    """Decide kind, heads and settings for the folder at ``path`` (DESIGN.md "Models")."""
+    from tokenizers import Tokenizer
+
+    if not (path / "config.json").is_file():
+        raise SourceError(f"{path} has no config.json: not a Hugging Face model folder.")
+    config = _read_json(path / "config.json")
+    model_type = str(config.get("model_type", ""))
+    if model_type not in ("xlm-roberta", "bert"):
+        raise SourceError(f"unknown architecture {model_type or '(none)'!r} in {path / 'config.json'}: bge-edge "
+                          f"exports XLM-RoBERTa (BGE-M3) and BERT (bge-*-v1.5, all-MiniLM) models.")
+    if not (path / "tokenizer.json").is_file():
+        raise SourceError(f"{path} has no tokenizer.json; bge-edge needs the fast-tokenizer file.")
+    have_heads = [f for f in M3_HEAD_FILES if (path / f).is_file()]
+    if kind == "auto":
+        kind = "m3" if model_type == "xlm-roberta" else "dense"
+    if kind == "m3":
+        if model_type != "xlm-roberta":
+            raise SourceError(f"kind 'm3' needs an XLM-RoBERTa model; {path} is {model_type!r}.")
+        missing = [f for f in M3_HEAD_FILES if f not in have_heads]
+        if missing:
+            raise SourceError(f"BGE-M3 head file(s) {missing} missing from {path}: an M3 model needs both "
+                              f"{list(M3_HEAD_FILES)}. Copy them from the BAAI/bge-m3 repository, or pass "
+                              f"--kind dense to export the dense head only.")
+        heads: tuple[str, ...] = ("dense", "sparse", "colbert")
+    elif kind == "dense":
+        heads = ("dense",)
+    else:
+        raise SourceError(f"unknown kind {kind!r}: use auto, m3 or dense.")
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    limit = _max_length(path, config, model_type)
+    if max_length is not None:
+        if not 2 <= max_length <= limit:
+            raise SourceError(f"--max-length {max_length} is outside 2..{limit}, the model's position limit.")
+        limit = max_length
+    specials = _special_tokens(path, tok)
+    if specials["pad"] is None:
+        raise SourceError(f"{path}: no pad token found in tokenizer_config.json / special_tokens_map.json.")
+    return SourceModel(
+        path=path, model_id=model_id, revision=revision, kind=kind, model_type=model_type, heads=heads,
+        pooling=_pooling(path), hidden_size=int(config["hidden_size"]),
+        num_heads=int(config["num_attention_heads"]), max_length=limit, special_tokens=specials,
+        query_instruction=_query_instruction(path, model_id) if query_instruction is None else query_instruction)
+
+
+def load_torch_modules(src: SourceModel) -> tuple[Any, Any, Any]:
+    """(encoder, sparse_linear, colbert_linear) in fp32 eval mode; heads are None for dense models.
+
+    Head ``.pt`` files are read with ``torch.load(weights_only=True)``: no pickle code runs.
+    """
+    import torch
+    import transformers
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    cls = transformers.XLMRobertaModel if src.model_type == "xlm-roberta" else transformers.BertModel
+    try:
+        encoder = cls.from_pretrained(str(src.path), add_pooling_layer=False, attn_implementation="eager",
+                                      torch_dtype=torch.float32).eval()
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot load the weights in {src.path}: {e}") from None
+    if src.kind != "m3":
+        return encoder, None, None
+    linears = []
+    for fname, out_dim in (("sparse_linear.pt", 1), ("colbert_linear.pt", src.hidden_size)):
+        lin = torch.nn.Linear(src.hidden_size, out_dim)
+        try:
+            state = torch.load(src.path / fname, map_location="cpu", weights_only=True)
+            lin.load_state_dict(state)
+        except Exception as e:
+            raise SourceError(f"cannot read head {src.path / fname} as Linear({src.hidden_size}, {out_dim}) "
+                              f"weights: {e}") from None
+        linears.append(lin.eval())
+    return encoder, linears[0], linears[1]
