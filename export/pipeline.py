@@ -205,7 +205,8 @@ def _export_into(src: SourceModel, tmp: Path, precisions: tuple[str, ...], min_i
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = Manifest(
         schema_version=SCHEMA_VERSION, source={"model_id": src.model_id, "revision": src.revision},
-        kind=src.kind, heads=src.heads, pooling=src.pooling, hidden_size=src.hidden_size, max_length=src.max_length,
+        kind=src.kind, heads=src.heads, pooling=src.pooling, hidden_size=src.hidden_size, attention_heads=src.num_heads,
+        max_length=src.max_length,
         special_tokens=src.special_tokens, query_instruction=src.query_instruction, tokenizer="tokenizer.json",
         graphs=tuple(graphs), files=files, exporter=_versions(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))

@@ -1,0 +1,9 @@
+"""Lean inference for bge-edge artifacts: needs only tokenizers, numpy and onnxruntime."""
+
+from .embedder import Embedder, EncodeStats
+from .errors import (ArtifactError, BackendError, BgeEdgeError, InputError, IntegrityError,
+                     MissingExtraError)
+from .manifest import Manifest, read_manifest
+
+__all__ = ["Embedder", "EncodeStats", "Manifest", "read_manifest", "BgeEdgeError", "ArtifactError",
+           "IntegrityError", "InputError", "MissingExtraError", "BackendError"]

@@ -61,6 +61,7 @@ class Manifest:
     heads: tuple[str, ...]
     pooling: str  # "cls" | "mean"
     hidden_size: int
+    attention_heads: int
     max_length: int
     special_tokens: Mapping[str, int | None]  # cls, eos, pad, unk, mask ids
     query_instruction: str
@@ -152,7 +153,8 @@ def parse_manifest(d: Mapping[str, Any]) -> Manifest:
     return Manifest(
         schema_version=version, source=dict(_req(d, "source", dict, "manifest")), kind=kind, heads=heads,
         pooling=_one_of(_req(d, "pooling", str, "manifest"), POOLINGS, "pooling"),
-        hidden_size=_req(d, "hidden_size", int, "manifest"), max_length=_req(d, "max_length", int, "manifest"),
+        hidden_size=_req(d, "hidden_size", int, "manifest"),
+        attention_heads=_req(d, "attention_heads", int, "manifest"), max_length=_req(d, "max_length", int, "manifest"),
         special_tokens={k: (None if v is None else int(v)) for k, v in specials.items()},
         query_instruction=str(d.get("query_instruction", "")), tokenizer=tokenizer, graphs=tuple(graphs),
         files=files, exporter=dict(d.get("exporter", {})), created=str(d.get("created", "")))
