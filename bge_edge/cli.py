@@ -1,0 +1,188 @@
+"""The ``bge-edge`` command: export, encode, info, verify.
+
+Errors that a user can cause print one line (``bge-edge: error: ...``) and exit 2; the export
+subcommand imports the heavy ``[export]`` extra only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from bge_edge.runtime.errors import BgeEdgeError
+
+PROGRESS_EVERY = 1024  # texts per chunk in `encode`; progress goes to stderr after each chunk
+
+
+def _export(a: argparse.Namespace) -> int:
+    from bge_edge.export import export_model
+
+    export_model(a.model, a.out, a.precision, kind=a.kind, force=a.force, min_int8_cosine=a.min_int8_cosine,
+                 query_instruction=a.query_instruction, max_length=a.max_length)
+    return 0
+
+
+def _read_texts(path: str, jsonl: bool) -> list[str]:
+    if path == "-":
+        raw = sys.stdin.read()
+    else:
+        try:
+            raw = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise BgeEdgeError(f"cannot read --input {path}: {e}") from None
+    lines = raw.splitlines()
+    if not jsonl:
+        return lines
+    texts = []
+    for k, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BgeEdgeError(f"--input line {k} is not JSON ({e}); with --jsonl each line is {{\"text\": ...}}.") \
+                from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise BgeEdgeError(f"--input line {k} has no string field \"text\".")
+        texts.append(obj["text"])
+    return texts
+
+
+def _encode(a: argparse.Namespace) -> int:
+    from bge_edge.runtime import Embedder
+
+    texts = _read_texts(a.input, a.jsonl)
+    model = Embedder(a.artifact, precision=a.precision, device=a.device, threads=a.threads)
+    encode = model.encode_queries if a.queries else model.encode
+    out = sys.stdout
+    t0, done, tokens, truncated = time.perf_counter(), 0, 0, 0
+    for start in range(0, len(texts), PROGRESS_EVERY):
+        chunk = texts[start : start + PROGRESS_EVERY]
+        res = encode(chunk, batch_size=a.batch_size, max_length=a.max_length, return_dense=not a.no_dense,
+                     return_sparse=a.sparse, return_colbert_vecs=a.colbert)
+        tokens += model.last_stats.tokens
+        truncated += model.last_stats.truncated
+        for k in range(len(chunk)):
+            rec: dict[str, Any] = {"index": start + k}
+            if res["dense_vecs"] is not None:
+                rec["dense"] = [round(float(x), 7) for x in res["dense_vecs"][k]]
+            if res["lexical_weights"] is not None:
+                rec["sparse"] = {t: round(float(w), 7) for t, w in res["lexical_weights"][k].items()}
+            if res["colbert_vecs"] is not None:
+                rec["colbert"] = [[round(float(x), 7) for x in row] for row in res["colbert_vecs"][k]]
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        done += len(chunk)
+        if len(texts) > PROGRESS_EVERY:
+            el = time.perf_counter() - t0
+            print(f"bge-edge: encoded {done}/{len(texts)} texts, {tokens / el:,.0f} tokens/s", file=sys.stderr)
+    out.flush()
+    if truncated:
+        print(f"bge-edge: {truncated} of {len(texts)} texts were truncated to the max length", file=sys.stderr)
+    return 0
+
+
+def _info(a: argparse.Namespace) -> int:
+    from bge_edge.runtime import read_manifest
+    from bge_edge.runtime.session import build_providers
+
+    import onnxruntime as ort
+
+    m = read_manifest(a.artifact)
+    available = ort.get_available_providers()
+    try:
+        chosen = [p for p, _ in build_providers(a.device, available)]
+        why = f"device={a.device!r}; onnxruntime {ort.__version__} offers {available}"
+    except BgeEdgeError as e:
+        chosen, why = [], str(e)
+    info = {"artifact": str(a.artifact), "source": dict(m.source), "kind": m.kind, "heads": list(m.heads),
+            "pooling": m.pooling, "hidden_size": m.hidden_size, "max_length": m.max_length,
+            "query_instruction": m.query_instruction,
+            "graphs": [{"file": g.file, "format": g.format, "precision": g.precision, "cpu_target": g.cpu_target,
+                        "size_mb": round(sum(m.files[f].size for f in (g.file, *g.external_data)) / 1e6, 1),
+                        "accuracy": dict(g.accuracy)} for g in m.graphs],
+            "backend": "onnxruntime", "providers": chosen, "why": why, "exporter": dict(m.exporter),
+            "created": m.created}
+    print(json.dumps(info, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _verify(a: argparse.Namespace) -> int:
+    from bge_edge.runtime import read_manifest
+    from bge_edge.runtime.integrity import verify_files
+
+    m = read_manifest(a.artifact)
+    root = Path(a.artifact)
+    verify_files(root, m, list(m.files), cache_dir=None)
+    unlisted = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                      if p.is_file() and p.name != "manifest.json" and p.relative_to(root).as_posix() not in m.files)
+    total = sum(e.size for e in m.files.values())
+    print(f"ok: {len(m.files)} files ({total / 1e6:.1f} MB) match manifest.json sizes and SHA-256")
+    if unlisted:
+        print(f"note: {len(unlisted)} file(s) not in the manifest are ignored by the runtime: {unlisted}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bge-edge", description="Fast, lean BGE embeddings on CPUs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="export a model folder or hub id to an artifact folder (needs [export])")
+    e.add_argument("model", help="local Hugging Face folder, or a hub id such as BAAI/bge-m3 (needs network)")
+    e.add_argument("--out", required=True, help="artifact folder to create")
+    e.add_argument("--precision", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8", "fp16"])
+    e.add_argument("--format", nargs="+", default=["onnx"], choices=["onnx"],
+                   help="graph formats (onnx; openvino comes with the [openvino] extra)")
+    e.add_argument("--kind", default="auto", choices=["auto", "m3", "dense"])
+    e.add_argument("--force", action="store_true", help="replace an existing --out")
+    e.add_argument("--min-int8-cosine", type=float, default=0.99,
+                   help="refuse INT8 whose mean dense cosine to FP32 is below this (0 for random-weight models)")
+    e.add_argument("--query-instruction", default=None, help="override the query instruction recorded")
+    e.add_argument("--max-length", type=int, default=None, help="override the model's max length")
+    e.set_defaults(func=_export)
+
+    c = sub.add_parser("encode", help="encode texts (one per line) to JSON lines")
+    c.add_argument("artifact")
+    c.add_argument("--input", default="-", help="file with one text per line, or - for stdin (default)")
+    c.add_argument("--jsonl", action="store_true", help="input lines are JSON objects with a \"text\" field")
+    c.add_argument("--precision", default=None, choices=["fp32", "int8", "fp16"])
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--max-length", type=int, default=None)
+    c.add_argument("--no-dense", action="store_true")
+    c.add_argument("--sparse", action="store_true", help="also output lexical weights (BGE-M3)")
+    c.add_argument("--colbert", action="store_true", help="also output ColBERT vectors (BGE-M3)")
+    c.add_argument("--queries", action="store_true", help="prepend the model's query instruction")
+    c.set_defaults(func=_encode)
+
+    i = sub.add_parser("info", help="describe an artifact and the backend that would run it")
+    i.add_argument("artifact")
+    i.add_argument("--device", default="cpu")
+    i.set_defaults(func=_info)
+
+    v = sub.add_parser("verify", help="check every artifact file against the manifest (size + SHA-256)")
+    v.add_argument("artifact")
+    v.set_defaults(func=_verify)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except BgeEdgeError as e:
+        print(f"bge-edge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bge-edge: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Export: artifact layout and manifest, fusion, self-measured accuracy, and every refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bge_edge.runtime import Embedder, read_manifest
+from bge_edge.runtime.integrity import sha256_file
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bge_edge.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_m3_artifact_lists_every_file_with_size_and_sha256(m3_artifact: Path) -> None:
+    m = read_manifest(m3_artifact)
+    on_disk = {p.relative_to(m3_artifact).as_posix() for p in m3_artifact.rglob("*") if p.is_file()}
+    assert on_disk - {"manifest.json"} == set(m.files)
+    for name, entry in m.files.items():
+        assert (m3_artifact / name).stat().st_size == entry.size
+        assert sha256_file(m3_artifact / name) == entry.sha256
+    assert m.kind == "m3" and m.heads == ("dense", "sparse", "colbert") and m.pooling == "cls"
+    assert m.special_tokens["cls"] == 0 and m.special_tokens["pad"] == 1 and m.special_tokens["eos"] == 2
+    assert m.special_tokens["unk"] == 3 and m.max_length == 8192
+    assert {g.precision for g in m.graphs} == {"fp32", "int8", "fp16"}
+    assert not any(p.suffix in (".pt", ".bin", ".pkl") for p in m3_artifact.rglob("*")), "no pickle in artifacts"
+
+
+def test_fp32_graph_is_fused_with_dynamic_axes(m3_artifact: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(m3_artifact / "model.fp32.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= ops
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in model.graph.output] == ["dense", "sparse", "colbert"]
+    dims = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "seq"]
+    assert read_manifest(m3_artifact).graph("fp32").opset == 17
+
+
+def test_int8_graph_quantises_matmuls_per_channel(m3_artifact: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(m3_artifact / "model.int8.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    scales = [i for i in model.graph.initializer if i.name.endswith("_scale") and len(i.dims) == 1 and i.dims[0] > 1]
+    assert scales, "per-channel weight scales expected"
+    g = read_manifest(m3_artifact).graph("int8")
+    assert g.quantization["weights"] == "int8 signed, per-channel"
+    assert g.accuracy["dense_cosine_mean"] >= 0.99
+
+
+def test_dense_model_exports_cls_and_query_instruction(bert_artifact: Path) -> None:
+    m = read_manifest(bert_artifact)
+    assert m.kind == "dense" and m.heads == ("dense",) and m.pooling == "cls" and m.max_length == 512
+    assert m.query_instruction == "Represent this sentence for searching relevant passages: "
+
+
+@pytest.mark.slow
+def test_minilm_export_uses_mean_pooling_and_meets_accuracy_bars(minilm_artifact: Path) -> None:
+    m = read_manifest(minilm_artifact)
+    assert m.pooling == "mean" and m.max_length == 256 and m.query_instruction == ""
+    par = m.graph("fp32").accuracy
+    assert par["dense_max_abs_diff"] <= 1e-5
+    assert m.graph("int8").accuracy["dense_cosine_mean"] >= 0.99
+    assert m.graph("fp16").accuracy["dense_cosine_mean"] >= 0.999
+
+
+@pytest.mark.slow
+def test_minilm_int8_and_fp16_agree_with_fp32_on_real_text(minilm_artifact: Path, shared_dir: Path) -> None:
+    import gzip
+
+    with gzip.open(shared_dir / "data" / "scifact" / "corpus.jsonl.gz", "rt") as f:
+        docs = [json.loads(next(f)) for _ in range(200)]
+    texts = [(d["title"] + " " + d["text"]).strip() for d in docs]
+    ref = Embedder(minilm_artifact, precision="fp32", hash_cache=False).encode(texts)["dense_vecs"]
+    for precision, bar in (("int8", 0.99), ("fp16", 0.999)):
+        got = Embedder(minilm_artifact, precision=precision, hash_cache=False).encode(texts)["dense_vecs"]
+        cos = (ref * got).sum(1)
+        assert cos.mean() >= bar, (precision, cos.mean())
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path: Path) -> None:
+    r = _cli("export", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
+    assert r.returncode != 0
+    assert "does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_architecture_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "gpt"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    r = _cli("export", str(src), "--out", str(tmp_path / "out"))
+    assert r.returncode != 0 and "unknown architecture 'gpt2'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_m3_head_file_is_an_error(tiny_m3_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    src = tmp_path / "m3-no-colbert"
+    shutil.copytree(tiny_m3_dir, src)
+    (src / "colbert_linear.pt").unlink()
+    r = _cli("export", str(src), "--out", str(tmp_path / "out"))
+    assert r.returncode != 0 and "colbert_linear.pt" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_out_is_refused_without_force(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = _cli("export", str(tiny_bert_dir), "--out", str(out), "--precision", "fp32")
+    assert r.returncode != 0 and "already exists" in r.stderr and "--force" in r.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    r = _cli("export", str(tiny_bert_dir), "--out", str(out), "--precision", "fp32", "--force")
+    assert r.returncode == 0, r.stderr
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; permission bits cannot be tested")
+def test_unwritable_out_is_refused(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    r = _cli("export", str(tiny_bert_dir), "--out", str(ro / "out"))
+    assert r.returncode != 0 and "writable" in r.stderr
+
+
+def test_out_under_a_file_is_refused(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = _cli("export", str(tiny_bert_dir), "--out", str(blocker / "out"))
+    assert r.returncode != 0 and "writable folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_export_killed_midway_leaves_no_artifact(tiny_m3_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "bge_edge.cli", "export", str(tiny_m3_dir), "--out", str(out),
+                             "--precision", "fp32", "int8", "fp16"], stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:  # kill it once tracing is done and quantisation is under way
+        if "fusing" in line:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not out.exists()
+    leftovers = list(tmp_path.iterdir())
+    assert all(p.name.startswith(".bge-edge-export-") for p in leftovers)
+    # the next export cleans what the killed one left
+    r = _cli("export", str(tiny_m3_dir), "--out", str(out), "--precision", "fp32")
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_interrupted_export_removes_its_temporary_folder(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from bge_edge.export import export_model
+
+    def boom(step: str) -> None:
+        if step == "fused":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_model(tiny_bert_dir, tmp_path / "out", ["fp32"], quiet=True, _after_step=boom)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_below_the_accuracy_bar_is_refused(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from bge_edge.export import ExportError, export_model
+
+    with pytest.raises(ExportError, match="under the threshold"):
+        export_model(tiny_bert_dir, tmp_path / "out", ["int8"], min_int8_cosine=1.01, quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_id_offline_says_to_pass_a_local_folder(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "bge_edge.cli", "export", "BAAI/bge-m3-does-not-exist", "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "local folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_export_prints_timed_progress(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    t = time.perf_counter()
+    r = _cli("export", str(tiny_bert_dir), "--out", str(tmp_path / "o"), "--precision", "fp32", "int8")
+    assert r.returncode == 0, r.stderr
+    for step in ("loading PyTorch model", "tracing to ONNX", "fusing for CPU", "quantising to int8", "hashing"):
+        assert f"{step}" in r.stderr and "done in" in r.stderr
+    assert time.perf_counter() - t < 120
+    assert np.isfinite(read_manifest(tmp_path / "o").graph("int8").accuracy["dense_cosine_mean"])
