@@ -149,6 +149,9 @@ def quantize_int8(in_path: Path, out_path: Path, keep_fp32: list[str], quantize_
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    import logging
+
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # quantizer's pre-processing advice
     ops = ["MatMul", "Attention"] + (["Gather"] if quantize_embeddings else [])
     big = in_path.stat().st_size > 1_800_000_000 or Path(str(in_path) + ".data").exists()
     quantize_dynamic(str(in_path), str(out_path), op_types_to_quantize=ops, per_channel=True,

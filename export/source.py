@@ -190,7 +190,8 @@ def load_torch_modules(src: SourceModel) -> tuple[Any, Any, Any]:
     import torch
     import transformers
 
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     cls = transformers.XLMRobertaModel if src.model_type == "xlm-roberta" else transformers.BertModel
     try:
         encoder = cls.from_pretrained(str(src.path), add_pooling_layer=False, attn_implementation="eager",

@@ -113,6 +113,8 @@ def build_random_model(out_dir: str | Path, shape: ModelShape = TINY_M3, seed: i
     import torch
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
