@@ -53,15 +53,19 @@ class _Progress:
 
 
 def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise ExportError(f"--out {out} already exists; choose another folder or pass --force to replace it.")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} exists and is not a folder; remove it or choose another path.")
-    parent = out.parent if out.parent != Path("") else Path(".")
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK) or (parent.exists() and not parent.is_dir()):
+    try:
+        if out.exists() and not force:
+            raise ExportError(f"--out {out} already exists; choose another folder or pass --force to replace it.")
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"--out {out} exists and is not a folder; remove it or choose another path.")
+        probe = out.parent
+        while not probe.exists():
+            probe = probe.parent
+        writable = probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+    except OSError as e:  # e.g. a parent folder this user may not enter
+        raise ExportError(f"cannot use --out {out}: {e.strerror} ({e.filename}). Choose a folder you can write.") \
+            from None
+    if not writable:
         raise ExportError(f"cannot write --out {out}: {probe} is not a writable folder. Choose a writable path.")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,13 +131,24 @@ def test_existing_out_is_refused_without_force(tiny_bert_dir: Path, tmp_path: Pa
     assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; permission bits cannot be tested")
 def test_unwritable_out_is_refused(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    ro = tmp_path / "ro"
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="bge-edge-ro-"))  # under /tmp, so an unprivileged user can enter it
+    base.chmod(0o755)
+    ro = base / "ro"
     ro.mkdir()
-    ro.chmod(0o500)
-    r = _cli("export", str(tiny_bert_dir), "--out", str(ro / "out"))
-    assert r.returncode != 0 and "writable" in r.stderr
+    ro.chmod(0o555)
+    cmd = [sys.executable, "-m", "bge_edge.cli", "export", str(tiny_bert_dir), "--out", str(ro / "out")]
+    if os.geteuid() == 0:  # root writes anywhere: run the export as an unprivileged user
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: permission bits cannot be tested")
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")
+    assert r.returncode == 2, r.stderr
+    assert "not a writable folder" in r.stderr and "Traceback" not in r.stderr
+    assert not (ro / "out").exists()
+    shutil.rmtree(base)
 
 
 def test_out_under_a_file_is_refused(tiny_bert_dir: Path, tmp_path: Path) -> None:
