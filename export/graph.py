@@ -123,13 +123,17 @@ def fuse_for_cpu(src: SourceModel, in_path: Path, out_path: Path) -> tuple[dict[
     from onnxruntime.transformers.optimizer import optimize_model
 
     opt = optimize_model(str(in_path), model_type="bert", num_heads=src.num_heads, hidden_size=src.hidden_size,
-                         opt_level=1, use_gpu=False, only_onnxruntime=False)
+                         opt_level=0, use_gpu=False, only_onnxruntime=False)  # python fusion only: no extra session
     stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
     layers = sum(1 for n in opt.model.graph.node if n.op_type == "Attention")
     missing = [op for op in FUSED_OPS if not stats.get(op)]
     if missing or layers == 0:
         raise FusionError(f"ONNX Runtime's optimiser did not fuse {missing} (got {stats}); the exported graph has "
                           f"an attention pattern it does not recognise. Export with --no-fuse to keep the plain graph.")
+    if not any(o.domain == "com.microsoft" for o in opt.model.opset_import):  # fused ops live in this domain
+        import onnx
+
+        opt.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     extra = save(opt.model, out_path)
     return stats, extra
 

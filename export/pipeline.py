@@ -7,6 +7,7 @@ the temporary folder, so ``--out`` is either the whole artifact or absent.
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import shutil
@@ -151,23 +152,24 @@ def _export_into(src: SourceModel, tmp: Path, precisions: tuple[str, ...], min_i
     shutil.copyfile(src.path / "tokenizer.json", tmp / "tokenizer.json")
     with log.step("loading PyTorch model"):
         modules = load_torch_modules(src)
-        module = graph.graph_module(src, *modules)
     note("loaded")
     traced = work / "trace" / "model.onnx"
     with log.step("tracing to ONNX"):
         graph.trace_onnx(src, modules, traced)
     note("traced")
+    pad = int(src.special_tokens["pad"] or 0)
+    ids = check.tokenize(tmp / "tokenizer.json", check.CALIBRATION_TEXTS, src.max_length)
+    with log.step("running the PyTorch reference on the calibration set"):
+        ref = check.run_torch(graph.graph_module(src, *modules), ids)
+    del modules  # free the PyTorch weights before fusion: peak memory is the largest of the steps, not their sum
+    gc.collect()
     fp32 = tmp / "model.fp32.onnx"
     with log.step("fusing for CPU (ONNX Runtime transformer optimiser)"):
         fused_stats, fp32_extra = graph.fuse_for_cpu(src, traced, fp32)
     log.say(f"fused: {fused_stats}")
     note("fused")
     shutil.rmtree(work / "trace")
-    pad = int(src.special_tokens["pad"] or 0)
-    ids = check.tokenize(tmp / "tokenizer.json", check.CALIBRATION_TEXTS, src.max_length)
     with log.step("checking fp32 graph against PyTorch"):
-        ref = check.run_torch(module, ids)
-        del modules, module
         got32 = check.run_graph(fp32, ids, pad)
         par = check.parity(ref, got32)
     log.say(f"fp32 parity: {par}")
