@@ -33,8 +33,9 @@ def main() -> None:
     p.add_argument("--data", default=str(SHARED / "data" / "scifact"))
     a = p.parse_args()
 
-    from bench.retrieval import load_task, ndcg_at_k, rank
     from bge_edge.runtime import Embedder
+
+    from bench.retrieval import load_task, ndcg_at_k, rank
 
     out = Path(a.out)
     dense_src = a.dense

@@ -86,10 +86,10 @@ def _encode(a: argparse.Namespace) -> int:
 
 
 def _info(a: argparse.Namespace) -> int:
+    import onnxruntime as ort
+
     from bge_edge.runtime import read_manifest
     from bge_edge.runtime.session import build_providers
-
-    import onnxruntime as ort
 
     m = read_manifest(a.artifact)
     available = ort.get_available_providers()

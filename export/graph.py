@@ -150,10 +150,10 @@ def quantize_int8(in_path: Path, out_path: Path, keep_fp32: list[str], quantize_
     ``keep_fp32`` names nodes left in float; the word-embedding Gather is quantised (per tensor, as
     dynamic mode does) when ``quantize_embeddings``. Returns extra files written.
     """
+    import logging
+
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    import logging
 
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # quantizer's pre-processing advice
     ops = ["MatMul", "Attention"] + (["Gather"] if quantize_embeddings else [])

@@ -98,7 +98,8 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str], precisions: Sequence[str] = ("fp32", "int8"),
+def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str],
+                 precisions: Sequence[str] = ("fp32", "int8"),
                  *, kind: str = "auto", force: bool = False, min_int8_cosine: float = check.MIN_INT8_COSINE,
                  query_instruction: str | None = None, max_length: int | None = None, quiet: bool = False,
                  stream: Any = None, _after_step: Callable[[str], None] | None = None) -> Manifest:
@@ -199,7 +200,8 @@ def _export_into(src: SourceModel, tmp: Path, precisions: tuple[str, ...], min_i
             raise ExportError(f"fp16 dense cosine to fp32 is {acc['dense_cosine_mean']} (< {check.MIN_FP16_COSINE}); "
                               f"refusing to write it.")
         graphs.append(GraphEntry(file=f16.name, format="onnx", precision="fp16", opset=graph.OPSET, cpu_target="gpu",
-                                 external_data=tuple(extra), fused=True, quantization={"method": "fp16 weights+compute"},
+                                 external_data=tuple(extra), fused=True,
+                                 quantization={"method": "fp16 weights+compute"},
                                  accuracy={"reference": "onnx fp32 graph", "n_texts": len(ids), **acc}))
         note("fp16")
     if "fp32" not in precisions:

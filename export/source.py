@@ -4,7 +4,6 @@ max length, special tokens, query instruction. Loads the PyTorch modules for tra
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path

@@ -1,8 +1,7 @@
 """Lean inference for bge-edge artifacts: needs only tokenizers, numpy and onnxruntime."""
 
 from .embedder import Embedder, EncodeStats
-from .errors import (ArtifactError, BackendError, BgeEdgeError, InputError, IntegrityError,
-                     MissingExtraError)
+from .errors import ArtifactError, BackendError, BgeEdgeError, InputError, IntegrityError, MissingExtraError
 from .manifest import Manifest, read_manifest
 
 __all__ = ["Embedder", "EncodeStats", "Manifest", "read_manifest", "BgeEdgeError", "ArtifactError",

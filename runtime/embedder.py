@@ -174,7 +174,7 @@ class Embedder:
 
         single = isinstance(sentence_pairs, tuple) and len(sentence_pairs) == 2 and \
             all(isinstance(s, str) for s in sentence_pairs)
-        pairs = [sentence_pairs] if single else list(sentence_pairs)  # type: ignore[list-item]
+        pairs: list[Any] = [sentence_pairs] if single else list(sentence_pairs)
         for k, p in enumerate(pairs):
             if not (isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(s, str) for s in p)):
                 raise InputError(f"sentence_pairs[{k}] must be a (query, passage) pair of strings, got {p!r:.80}.")
@@ -259,14 +259,14 @@ class Embedder:
             for k, t in enumerate(items):
                 try:
                     t.encode("utf-8")
-                except UnicodeEncodeError as e:
-                    raise InputError(f"texts[{k}] holds a lone surrogate ({t[e.start]!r} at position {e.start}): "
-                                     f"not valid Unicode. Clean it first, e.g. "
+                except UnicodeEncodeError as err:
+                    raise InputError(f"texts[{k}] holds a lone surrogate ({t[err.start]!r} at position "
+                                     f"{err.start}): not valid Unicode. Clean it first, e.g. "
                                      f"t.encode('utf-8', 'replace').decode('utf-8').") from None
             raise
         out = []
-        for e in encs:
-            x = e.ids
+        for enc in encs:
+            x = enc.ids
             if len(x) > max_length:  # same as tokenizers' truncation: content cut, closing special kept
                 x = _Truncated(x[: max_length - 1] + x[-1:])
             out.append(x)

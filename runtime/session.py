@@ -100,7 +100,7 @@ def create_session(path: Path, device: str = "cpu", threads: int | None = None, 
         raise BackendError(f"ONNX Runtime could not load {path.name} on {device}: {str(e).strip()[:500]}. "
                            f"Check that the artifact matches this onnxruntime version (bge-edge verify).") from None
     if providers[0][0] == CUDA and sess.get_providers()[0] != CUDA and parse_device(device)[0] == "cuda":
-        raise BackendError(f"device={device!r} was asked for, but ONNX Runtime could not start CUDA (driver, CUDA/cuDNN "
-                           f"libraries or the device are missing) and fell back to {sess.get_providers()}. Fix the "
-                           f"CUDA install, or use device='cpu' or 'auto'.")
+        raise BackendError(f"device={device!r} was asked for, but ONNX Runtime could not start CUDA (driver, "
+                           f"CUDA/cuDNN libraries or the device are missing) and fell back to "
+                           f"{sess.get_providers()}. Fix the CUDA install, or use device='cpu' or 'auto'.")
     return sess

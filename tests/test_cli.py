@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from bge_edge.runtime import Embedder
 
 
@@ -88,7 +87,8 @@ def test_base_install_in_a_fresh_venv_encodes_without_torch(m3_artifact: Path, t
             f"m = Embedder({str(m3_artifact)!r}, hash_cache=False)\n"
             "o = m.encode(['hello'], return_sparse=True, return_colbert_vecs=True)\n"
             "print(json.dumps({'dim': o['dense_vecs'].shape[1], "
-            "'absent': [n for n in ('torch', 'transformers', 'onnx', 'optimum') if importlib.util.find_spec(n) is None]}))")
+            "'absent': [n for n in ('torch', 'transformers', 'onnx', 'optimum') "
+            "if importlib.util.find_spec(n) is None]}))")
     r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"dim": 32, "absent": ["torch", "transformers", "onnx", "optimum"]}

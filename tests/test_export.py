@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from bge_edge.runtime import Embedder, read_manifest
 from bge_edge.runtime.integrity import sha256_file
 

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bge_edge.runtime import ArtifactError, Embedder, InputError, IntegrityError
 from conftest import LONG_MAX_LENGTH, PARITY_TEXTS
 from reference import Reference, colbert_score, lexical_score
-
-from bge_edge.runtime import ArtifactError, Embedder, InputError, IntegrityError
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +110,8 @@ def test_dense_model_parity_and_query_instruction(bert_artifact: Path, tiny_bert
         assert np.abs(out[k] - ref.encode_one(t)["dense"]).max() <= 1e-5
     q = model.encode_queries(["what is bge"])["dense_vecs"][0]
     assert np.abs(q - ref.encode_one(model.manifest.query_instruction + "what is bge")["dense"]).max() <= 1e-5
-    assert np.abs(model.encode_corpus(["what is bge"])["dense_vecs"][0] - ref.encode_one("what is bge")["dense"]).max() \
-        <= 1e-5
+    corpus = model.encode_corpus(["what is bge"])["dense_vecs"][0]
+    assert np.abs(corpus - ref.encode_one("what is bge")["dense"]).max() <= 1e-5
 
 
 def test_dense_artifact_refuses_sparse_and_colbert(bert_artifact: Path) -> None:
