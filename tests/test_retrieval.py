@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from bge_edge.runtime import Embedder
 
 from bench.retrieval import load_task, ndcg_at_k, rank
-from bge_edge.runtime import Embedder
 
 MTEB_SCIFACT_MINILM_L6 = 64.51  # published MTEB nDCG@10 of sentence-transformers/all-MiniLM-L6-v2 on SciFact
 
