@@ -9,15 +9,20 @@ sparse weights per token id:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from .source import SourceModel
 
-__all__ = ["OPSET", "graph_module", "trace_onnx", "fuse_for_cpu", "quantize_int8", "convert_fp16", "FUSED_OPS"]
+__all__ = ["OPSET", "graph_module", "trace_onnx", "fuse_for_cpu", "quantize_int8", "convert_fp16", "FUSED_OPS",
+           "LINEAR_ATTENTION_ABOVE", "add_linear_attention_to"]
 
 OPSET = 17
 FUSED_OPS = ("Attention", "SkipLayerNormalization")  # must appear after fusion, else fusion silently failed
+# Models reading more tokens than this get the linear-memory attention branch (longattn.py). At 512 tokens
+# the score matrix is 12 heads x 512^2 x 4 B = 12 MiB per text: bge-small/MiniLM do not need it.
+LINEAR_ATTENTION_ABOVE = 512
 
 
 class FusionError(RuntimeError):
@@ -136,6 +141,22 @@ def fuse_for_cpu(src: SourceModel, in_path: Path, out_path: Path) -> tuple[dict[
         opt.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     extra = save(opt.model, out_path)
     return stats, extra
+
+
+def add_linear_attention_to(path: Path, hidden_size: int) -> int:
+    """Rewrite the graph file at ``path`` with the flash branch of longattn.py; external data is untouched."""
+    import onnx
+
+    from .longattn import add_linear_attention
+
+    model = onnx.load(str(path), load_external_data=False)  # nodes only: the weights stay where they are
+    n = add_linear_attention(model, hidden_size)
+    if n == 0:
+        raise FusionError(f"{path.name} has no fused Attention node to give a linear-memory path")
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save_model(model, str(tmp))
+    os.replace(tmp, path)
+    return n
 
 
 def ffn_down_projections(model: Any) -> list[str]:

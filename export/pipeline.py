@@ -7,6 +7,7 @@ the temporary folder, so ``--out`` is either the whole artifact or absent.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import platform
@@ -163,13 +164,14 @@ def _export_into(src: SourceModel, tmp: Path, precisions: tuple[str, ...], min_i
     with log.step("running the PyTorch reference on the calibration set"):
         ref = check.run_torch(graph.graph_module(src, *modules), ids)
     del modules  # free the PyTorch weights before fusion: peak memory is the largest of the steps, not their sum
-    gc.collect()
+    _release_memory()
     fp32 = tmp / "model.fp32.onnx"
     with log.step("fusing for CPU (ONNX Runtime transformer optimiser)"):
         fused_stats, fp32_extra = graph.fuse_for_cpu(src, traced, fp32)
     log.say(f"fused: {fused_stats}")
     note("fused")
     shutil.rmtree(work / "trace")
+    _release_memory()  # the optimiser's copies of the graph
     with log.step("checking fp32 graph against PyTorch"):
         got32 = check.run_graph(fp32, ids, pad)
         par = check.parity(ref, got32)
@@ -178,6 +180,7 @@ def _export_into(src: SourceModel, tmp: Path, precisions: tuple[str, ...], min_i
     if worst > check.PARITY_TOLERANCE:
         raise ExportError(f"the fp32 graph differs from PyTorch by {worst:.2e} (> {check.PARITY_TOLERANCE:.0e}); "
                           f"refusing to write it. This is a bug in the export: please report it.")
+    long_path = src.max_length > graph.LINEAR_ATTENTION_ABOVE
     graphs = []
     quant_note = {"method": "none"}
     graphs_files: dict[str, list[str]] = {"fp32": fp32_extra}
@@ -204,6 +207,9 @@ def _export_into(src: SourceModel, tmp: Path, precisions: tuple[str, ...], min_i
                                  quantization={"method": "fp16 weights+compute"},
                                  accuracy={"reference": "onnx fp32 graph", "n_texts": len(ids), **acc}))
         note("fp16")
+    if long_path:
+        graphs = [_with_linear_attention(src, tmp, g, ids, pad, got32, min_int8_cosine, log)
+                  if g.precision in ("fp32", "int8") else g for g in graphs]
     if "fp32" not in precisions:
         for f in [fp32, *(tmp / e for e in fp32_extra)]:
             f.unlink()
@@ -253,6 +259,46 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
                        accuracy={"reference": "onnx fp32 graph", "n_texts": len(ids), **acc,
                                  "threshold_dense_cosine_mean": min_cos})
     return entry, extra
+
+
+def _with_linear_attention(src: SourceModel, tmp: Path, entry: GraphEntry, ids: list[list[int]], pad: int,
+                           got32: list[list[Any]], min_cos: float, log: _Progress) -> GraphEntry:
+    """Add the flash-attention branch for unpadded inputs (see longattn.py) to a graph, and check it.
+
+    Done last, on the plain graphs: int8 is quantised from the plain fp32 graph (the quantiser only
+    fuses QAttention outside subgraphs) and fp16 stays plain (CUDA's own Attention is memory-efficient).
+    """
+    path = tmp / entry.file
+    with log.step(f"adding the linear-memory attention path to the {entry.precision} graph"):
+        n = graph.add_linear_attention_to(path, src.hidden_size)
+    singles = check.run_graph(path, ids, pad, batch=1)  # one text, no padding: the flash branch
+    if entry.precision == "fp32":
+        par = check.parity(got32, singles)
+        log.say(f"fp32 flash branch parity ({n} layers): {par}")
+        if max(par.values()) > check.PARITY_TOLERANCE:
+            raise ExportError(f"the flash-attention branch differs from the fp32 graph by {max(par.values()):.2e} "
+                              f"(> {check.PARITY_TOLERANCE:.0e}); refusing to write it. Please report this.")
+        acc = {**entry.accuracy, "flash_branch": par}
+    else:
+        agr = check.agreement(got32, singles)
+        log.say(f"int8 flash branch vs fp32 ({n} layers): {agr}")
+        if agr["dense_cosine_mean"] < min_cos:
+            raise ExportError(f"the int8 flash-attention branch has mean dense cosine {agr['dense_cosine_mean']} to "
+                              f"fp32, under the threshold {min_cos}; refusing to write it.")
+        acc = {**entry.accuracy, "flash_branch": agr}
+    return dataclasses.replace(entry, linear_attention=True, accuracy=acc)
+
+
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc keeps it otherwise: GBs for BGE-M3)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # musl and other libcs: nothing to trim
+            pass
 
 
 def _finalize(tmp: Path, out: Path) -> None:

@@ -1,16 +1,21 @@
-"""The one place that decides batch shapes: bucket lengths and token-budget batches.
+"""The one place that decides batch shapes: bucket lengths, token-budget batches and the memory model.
 
 Texts are sorted by token length (longest first, so a memory problem shows on the first batch),
-cut into batches bounded by a text count, a padded-token budget and an attention-score budget,
-and each batch is padded up to a bucket length. Few distinct shapes keep GPU and OpenVINO plans
-cached; on CPU the buckets cost at most ~12 % padding over the batch's own maximum.
+cut into batches bounded by a text count, a padded-token budget and a working-memory budget, and
+each batch is padded up to a bucket length. Few distinct shapes keep GPU and OpenVINO plans cached;
+on CPU the buckets cost at most ~12 % padding over the batch's own maximum.
 
-Memory arithmetic (fp32, per batch of ``b`` texts padded to ``L`` tokens, hidden ``H``, ``h`` heads):
-  activations  ~ b * L * H * 4 bytes * ~10 live tensors   (QKV, FFN 4H, residuals)
-  attention    =  b * h * L * L * 4 bytes                  (scores, one layer at a time)
-  ColBERT out  =  b * L * H * 4 bytes
-``MAX_BATCH_TOKENS`` bounds the first and third, ``MAX_ATTENTION_BYTES`` the second; a text whose
-attention alone exceeds the budget runs alone (batch of one): length never multiplies with count.
+Long texts on a graph with linear attention (``GraphEntry.linear_attention``, BGE-M3 exports) run
+alone and unpadded: a batch without padding takes the graph's flash-attention branch, whose memory
+grows linearly with length (export/longattn.py). Everything else takes the fused Attention, which
+holds the full score matrix.
+
+Memory model: working memory of one forward pass, weights excluded, for ``b`` texts padded to ``L``
+tokens, hidden size ``H``, ``h`` heads (float32, one layer live at a time; fitted on full-shape BGE-M3):
+  activations  = b * L * H * 4 B * ACTIVATION_TENSORS   (hidden states, QKV, FFN 4H, heads' outputs)
+  attention    = b * h * L * L * 4 B                     (score matrix; 0 on the linear-attention path)
+e.g. BGE-M3 (H 1024, 16 heads), one 8,192-token text: 1.1 GiB of activations alone, + 4 GiB of
+scores on the plain path; 8 texts of 512 tokens: 0.5 GiB + 0.125 GiB.
 """
 
 from __future__ import annotations
@@ -20,14 +25,18 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["MAX_BATCH_TOKENS", "MAX_ATTENTION_BYTES", "DEFAULT_BATCH_SIZE", "Batch", "bucket_length",
-           "plan_batches"]
+__all__ = ["MAX_BATCH_TOKENS", "DEFAULT_MEMORY_MB", "DEFAULT_BATCH_SIZE", "LINEAR_ATTENTION_FROM",
+           "ACTIVATION_TENSORS", "Batch", "bucket_length", "working_bytes", "plan_batches"]
 
-# 8,192 padded tokens: ~330 MB of fp32 activations for H=1024 (BGE-M3), ~125 MB for H=384.
+# 8,192 padded tokens: ~1 GiB of fp32 activations for H=1024 (BGE-M3), ~0.4 GiB for H=384.
 MAX_BATCH_TOKENS = 8192
-# 256 MiB of attention scores per layer: e.g. 16 heads x 1024 x 1024 x 4 B = 64 MiB per 1k-token text -> 4 of them.
-MAX_ATTENTION_BYTES = 256 * 1024 * 1024
+# Working-memory budget per batch when the caller sets none (weights come on top).
+DEFAULT_MEMORY_MB = 2048
 DEFAULT_BATCH_SIZE = 256
+# Texts longer than this run alone and unpadded on a linear-attention graph (flash branch).
+LINEAR_ATTENTION_FROM = 512
+# Live float32 tensors of size L x H during a forward pass, fitted on full-shape BGE-M3 (see bench/longdoc.py).
+ACTIVATION_TENSORS = 32
 
 
 def bucket_length(n: int, max_length: int) -> int:
@@ -41,20 +50,30 @@ def bucket_length(n: int, max_length: int) -> int:
     return min(-(-n // step) * step, max(max_length, n))
 
 
+def working_bytes(count: int, length: int, hidden_size: int, attention_heads: int, linear: bool = False) -> int:
+    """Estimated working memory in bytes of one batch (module docstring); ``linear``: the flash branch."""
+    activations = count * length * hidden_size * 4 * ACTIVATION_TENSORS
+    scores = 0 if linear else count * attention_heads * length * length * 4
+    return activations + scores
+
+
 @dataclass(frozen=True)
 class Batch:
-    """Indices into the input list (longest first) and the padded length to run them at."""
+    """Indices into the input list (longest first) and the length to run them at (padded, or exact)."""
 
     indices: np.ndarray
     length: int
 
 
 def plan_batches(lengths: Sequence[int] | np.ndarray, max_length: int, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_batch_tokens: int = MAX_BATCH_TOKENS, attention_heads: int = 12,
-                 max_attention_bytes: int = MAX_ATTENTION_BYTES, sort: bool = True) -> list[Batch]:
+                 max_batch_tokens: int = MAX_BATCH_TOKENS, hidden_size: int = 1024, attention_heads: int = 16,
+                 max_memory_bytes: int = DEFAULT_MEMORY_MB * 2**20, linear_attention: bool = False,
+                 sort: bool = True) -> list[Batch]:
     """Cut texts of the given token lengths into batches (see module docstring); every index appears once.
 
-    ``sort=False`` keeps input order (the naive baseline the benchmark compares against).
+    A text that alone exceeds a budget still gets a batch of its own (the caller decides whether to
+    refuse it: ``working_bytes`` says what it needs). ``sort=False`` keeps input order (the naive
+    baseline the benchmark compares against).
     """
     if batch_size < 1 or max_batch_tokens < 1:
         raise ValueError(f"batch_size ({batch_size}) and max_batch_tokens ({max_batch_tokens}) must be >= 1")
@@ -63,12 +82,20 @@ def plan_batches(lengths: Sequence[int] | np.ndarray, max_length: int, batch_siz
     batches: list[Batch] = []
     i, n = 0, len(order)
     while i < n:
-        j, longest = i + 1, int(lens[order[i]])
+        longest = int(lens[order[i]])
+        if linear_attention and longest > LINEAR_ATTENTION_FROM:
+            batches.append(Batch(indices=order[i:i + 1], length=longest))  # alone, unpadded: flash branch
+            i += 1
+            continue
+        j = i + 1
         while j < n and j - i < batch_size:
             m = max(longest, int(lens[order[j]]))
+            if linear_attention and m > LINEAR_ATTENTION_FROM:
+                break  # a long text never joins a padded batch (input order only: sorted, it comes first)
             L = bucket_length(m, max_length)
             count = j - i + 1
-            if count * L > max_batch_tokens or count * attention_heads * L * L * 4 > max_attention_bytes:
+            if count * L > max_batch_tokens or \
+                    working_bytes(count, L, hidden_size, attention_heads) > max_memory_bytes:
                 break
             longest, j = m, j + 1
         batches.append(Batch(indices=order[i:j], length=bucket_length(longest, max_length)))

@@ -17,7 +17,14 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from . import heads
-from .batching import DEFAULT_BATCH_SIZE, MAX_ATTENTION_BYTES, MAX_BATCH_TOKENS, plan_batches
+from .batching import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MEMORY_MB,
+    LINEAR_ATTENTION_FROM,
+    MAX_BATCH_TOKENS,
+    plan_batches,
+    working_bytes,
+)
 from .errors import ArtifactError, BackendError, InputError
 from .integrity import default_cache_dir, verify_files
 from .manifest import Manifest, read_manifest
@@ -50,11 +57,18 @@ class Embedder:
 
     def __init__(self, artifact_dir: str | os.PathLike[str], precision: str | None = None,
                  backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
-                 hash_cache: bool | str | os.PathLike[str] = True, spin: bool = False) -> None:
+                 hash_cache: bool | str | os.PathLike[str] = True, spin: bool = False,
+                 max_memory_mb: int | None = None) -> None:
         if backend not in ("onnxruntime", "auto"):
             raise BackendError(f"backend {backend!r} is not available in this version of bge-edge; use 'onnxruntime'.")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise InputError(f"threads must be a positive integer or None (physical cores), got {threads!r}.")
+        if max_memory_mb is not None and (not isinstance(max_memory_mb, int) or isinstance(max_memory_mb, bool)
+                                          or max_memory_mb < 1):
+            raise InputError(f"max_memory_mb must be a positive integer (MiB of working memory per batch, weights "
+                             f"excluded) or None ({DEFAULT_MEMORY_MB} MiB, never refusing a text), got "
+                             f"{max_memory_mb!r}.")
+        self.max_memory_mb = max_memory_mb
         self.root = Path(artifact_dir)
         self.manifest: Manifest = read_manifest(self.root)
         kind, _ = parse_device(device)
@@ -120,8 +134,21 @@ class Embedder:
         if not outputs:
             raise InputError("nothing to compute: set at least one of return_dense, return_sparse, "
                              "return_colbert_vecs.")
-        batches = plan_batches(lengths, max_length, batch_size, max_batch_tokens, self.manifest.attention_heads,
-                               MAX_ATTENTION_BYTES, sort=sort_by_length)
+        budget = (self.max_memory_mb or DEFAULT_MEMORY_MB) * 2**20
+        linear = self.graph.linear_attention
+        batches = plan_batches(lengths, max_length, batch_size, max_batch_tokens, H, self.manifest.attention_heads,
+                               budget, linear, sort=sort_by_length)
+        if self.max_memory_mb is not None:
+            for b in batches:
+                flash = linear and len(b.indices) == 1 and b.length == int(lengths[b.indices[0]])
+                need = working_bytes(len(b.indices), b.length, H, self.manifest.attention_heads, flash)
+                if need > budget:
+                    k = int(b.indices[0])
+                    raise InputError(
+                        f"texts[{k}] has {int(lengths[k])} tokens: it needs ~{need / 2**20:,.0f} MiB of working "
+                        f"memory, over max_memory_mb={self.max_memory_mb}. Raise max_memory_mb or pass a smaller "
+                        f"max_length" + ("." if linear else "; a BGE-M3 artifact exported by this version of "
+                                         "bge-edge needs much less for long texts (linear-memory attention)."))
         for b in batches:
             input_ids = np.full((len(b.indices), b.length), self._pad_id, dtype=np.int64)
             mask = np.zeros_like(input_ids)
@@ -221,7 +248,10 @@ class Embedder:
                 "heads": list(m.heads), "pooling": m.pooling, "hidden_size": m.hidden_size,
                 "max_length": m.max_length, "precision": self.precision, "graph": self.graph.file,
                 "backend": self.backend, "device": self.device, "providers": self.providers,
-                "accuracy": dict(self.graph.accuracy), "max_batch_tokens": MAX_BATCH_TOKENS}
+                "accuracy": dict(self.graph.accuracy), "max_batch_tokens": MAX_BATCH_TOKENS,
+                "max_memory_mb": self.max_memory_mb or DEFAULT_MEMORY_MB,
+                "long_inputs": (f"over {LINEAR_ATTENTION_FROM} tokens: alone, unpadded, flash attention (linear memory)"
+                                if self.graph.linear_attention else "padded batches, full attention matrix")}
 
     # ---- internals ----------------------------------------------------------------------------
 

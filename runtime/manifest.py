@@ -47,6 +47,8 @@ class GraphEntry:
     cpu_target: str = "any"
     external_data: tuple[str, ...] = ()  # further files the graph reads (ONNX external data, OpenVINO .bin)
     fused: bool = False
+    # True: a batch without padding runs flash attention (memory linear in length); see export/longattn.py
+    linear_attention: bool = False
     quantization: Mapping[str, Any] = field(default_factory=dict)  # how it was quantised (method, ops kept)
     accuracy: Mapping[str, Any] = field(default_factory=dict)  # measured vs the fp32 graph / reference
 
@@ -135,6 +137,7 @@ def parse_manifest(d: Mapping[str, Any]) -> Manifest:
             precision=_one_of(_req(g, "precision", str, where), PRECISIONS, "graph precision"),
             opset=g.get("opset"), cpu_target=str(g.get("cpu_target", "any")),
             external_data=tuple(g.get("external_data", ())), fused=bool(g.get("fused", False)),
+            linear_attention=bool(g.get("linear_attention", False)),
             quantization=dict(g.get("quantization", {})), accuracy=dict(g.get("accuracy", {}))))
     files = {}
     for name, e in _req(d, "files", dict, "manifest").items():
