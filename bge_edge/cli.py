@@ -1,4 +1,4 @@
-"""The ``bge-edge`` command: export, encode, info, verify.
+"""The ``bge-edge`` command: export, encode, info, verify, serve, bundle.
 
 Errors that a user can cause print one line (``bge-edge: error: ...``) and exit 2; the export
 subcommand imports the heavy ``[export]`` extra only when it runs.
@@ -111,6 +111,12 @@ def _info(a: argparse.Namespace) -> int:
 
 
 def _verify(a: argparse.Namespace) -> int:
+    if (Path(a.artifact) / "bundle.json").is_file() or Path(a.artifact).is_file():
+        # an air-gapped bundle folder or archive: checked against bundle.json without installing
+        from bge_edge.bundle import verify_bundle
+
+        print(verify_bundle(a.artifact))
+        return 0
     from bge_edge.runtime import read_manifest
     from bge_edge.runtime.integrity import verify_files
 
@@ -124,6 +130,27 @@ def _verify(a: argparse.Namespace) -> int:
     if unlisted:
         print(f"note: {len(unlisted)} file(s) not in the manifest are ignored by the runtime: {unlisted}")
     return 0
+
+
+def _bundle(a: argparse.Namespace) -> int:
+    from bge_edge.bundle import build_bundle
+
+    r = build_bundle(a.artifact, a.out, platforms=a.platform, pythons=a.python, precisions=a.precision,
+                     extras=a.extras or (), archive=a.archive, force=a.force, wheel=a.wheel)
+    mb = {k: round(v / 1e6, 1) for k, v in r.sizes.items()}
+    print(f"bundle: {', '.join(str(p) for p in r.outputs)}")
+    print(f"  targets: {', '.join(t['platform'] + '/cp' + t['python'].replace('.', '') for t in r.targets)}; "
+          f"artifact {r.artifact['kind']} at {', '.join(r.artifact['precisions'])}; MB {mb}")
+    print(f"  bundle.json SHA-256: {r.bundle_sha256} (give it to the target: install.sh --expect-sha256 ...)")
+    print(f"  install offline: {'./' + r.outputs[1].name if a.archive else str(r.outputs[0]) + '/install.sh'}")
+    return 0
+
+
+def _serve(a: argparse.Namespace) -> int:
+    from bge_edge.serve import run
+    from bge_edge.serve.config import config_from_args
+
+    return run(config_from_args(a))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,9 +191,35 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--device", default="cpu")
     i.set_defaults(func=_info)
 
-    v = sub.add_parser("verify", help="check every artifact file against the manifest (size + SHA-256)")
-    v.add_argument("artifact")
+    v = sub.add_parser("verify", help="check every artifact file against the manifest (size + SHA-256); also "
+                                      "accepts an air-gapped bundle folder or .tar.gz (checked against bundle.json)")
+    v.add_argument("artifact", help="artifact folder, bundle folder, or bundle archive")
     v.set_defaults(func=_verify)
+
+    b = sub.add_parser("bundle", help="build an air-gapped bundle: wheels for each target + the artifact + "
+                                      "install scripts, every file hashed (needs network to PyPI)")
+    b.add_argument("artifact", help="artifact folder (from `bge-edge export`)")
+    b.add_argument("--out", required=True, help="bundle folder to create (with --archive: OUT.tar.gz)")
+    b.add_argument("--platform", action="extend", nargs="+", default=None,
+                   help="wheel platform tags, repeatable (default: this machine), e.g. manylinux_2_28_x86_64 "
+                        "manylinux_2_28_aarch64 win_amd64 macosx_11_0_arm64")
+    b.add_argument("--python", action="extend", nargs="+", default=None,
+                   help="CPython versions, repeatable (default: this one), e.g. 3.11 3.12")
+    b.add_argument("--precision", action="extend", nargs="+", default=None, choices=["fp32", "int8", "fp16"],
+                   help="keep only these graphs of the artifact (default: all)")
+    b.add_argument("--extras", action="append", default=None, help="bge-edge extras to include, e.g. serve")
+    b.add_argument("--archive", action="store_true",
+                   help="write OUT.tar.gz plus OUT.install.sh / OUT.install.ps1 that extract it safely")
+    b.add_argument("--wheel", default=None, help="a prebuilt bge-edge wheel (default: build one from the source)")
+    b.add_argument("--force", action="store_true", help="replace an existing bundle")
+    b.set_defaults(func=_bundle)
+
+    s = sub.add_parser("serve", help="HTTP sidecar: OpenAI-compatible embeddings, sparse, ColBERT, scoring "
+                                     "(needs [serve]); every flag has a BGE_EDGE_* environment twin")
+    from bge_edge.serve.config import add_serve_arguments
+
+    add_serve_arguments(s)
+    s.set_defaults(func=_serve)
     return p
 
 
