@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,7 +69,10 @@ def unwrapped_copy(graph_path: Path, work: Path) -> Path:
     model.graph.node.extend(nodes)
     for f in graph_path.parent.iterdir():
         if f.name.startswith(graph_path.name + ".") and f.suffix == ".data":
-            (work / f.name).symlink_to(f)
+            try:  # ORT refuses external data behind a symlink; a hard link costs no space
+                os.link(f, work / f.name)
+            except OSError:
+                shutil.copyfile(f, work / f.name)
     out = work / graph_path.name
     onnx.save_model(model, str(out))
     return out
@@ -114,7 +118,7 @@ def main() -> None:
           f"{onnxruntime.__version__}, intra-op threads {a.threads}; one process per cell; peak RSS includes "
           f"the model\n")
     rows, results = [], []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=art.parent) as tmp:  # same filesystem: hard links work
         for prec in a.precisions:
             g = man.graph(prec)
             path = art / g.file

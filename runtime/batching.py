@@ -14,8 +14,9 @@ Memory model: working memory of one forward pass, weights excluded, for ``b`` te
 tokens, hidden size ``H``, ``h`` heads (float32, one layer live at a time; fitted on full-shape BGE-M3):
   activations  = b * L * H * 4 B * ACTIVATION_TENSORS   (hidden states, QKV, FFN 4H, heads' outputs)
   attention    = b * h * L * L * 4 B                     (score matrix; 0 on the linear-attention path)
-e.g. BGE-M3 (H 1024, 16 heads), one 8,192-token text: 1.1 GiB of activations alone, + 4 GiB of
-scores on the plain path; 8 texts of 512 tokens: 0.5 GiB + 0.125 GiB.
+e.g. BGE-M3 (H 1024, 16 heads), one 8,192-token text: 0.6 GiB of activations (measured 0.55 GiB at fp32
+on the flash path), + 4 GiB of scores on the plain path (measured 4.6 GiB in all); 8 texts of 512 tokens:
+0.3 GiB + 0.125 GiB.
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ import numpy as np
 __all__ = ["MAX_BATCH_TOKENS", "DEFAULT_MEMORY_MB", "DEFAULT_BATCH_SIZE", "LINEAR_ATTENTION_FROM",
            "ACTIVATION_TENSORS", "Batch", "bucket_length", "working_bytes", "plan_batches"]
 
-# 8,192 padded tokens: ~1 GiB of fp32 activations for H=1024 (BGE-M3), ~0.4 GiB for H=384.
+# 8,192 padded tokens: ~0.6 GiB of fp32 activations for H=1024 (BGE-M3), ~0.2 GiB for H=384.
 MAX_BATCH_TOKENS = 8192
 # Working-memory budget per batch when the caller sets none (weights come on top).
 DEFAULT_MEMORY_MB = 2048
 DEFAULT_BATCH_SIZE = 256
 # Texts longer than this run alone and unpadded on a linear-attention graph (flash branch).
 LINEAR_ATTENTION_FROM = 512
-# Live float32 tensors of size L x H during a forward pass, fitted on full-shape BGE-M3 (see bench/longdoc.py).
-ACTIVATION_TENSORS = 32
+# Live float32 tensors of size L x H in a forward pass: full-shape BGE-M3 fp32 on the flash path grows by
+# 138 MiB at 2,048 tokens and 559 MiB at 8,192 (bench/longdoc.py), i.e. 17.3 and 17.5 of them.
+ACTIVATION_TENSORS = 18
 
 
 def bucket_length(n: int, max_length: int) -> int:

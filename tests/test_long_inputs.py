@@ -105,9 +105,9 @@ def test_memory_budget_bounds_every_batch() -> None:
                            attention_heads=16, max_memory_bytes=budget)
     assert all(working_bytes(len(b.indices), b.length, 1024, 16) <= budget for b in batches)
     assert max(len(b.indices) for b in batches) > 1  # the budget groups texts, it does not serialise them
-    # arithmetic spelled out: 8 x 512 tokens x 1024 x 4 B x 32 tensors + 8 x 16 x 512^2 x 4 B
-    assert working_bytes(8, 512, 1024, 16) == 8 * 512 * 1024 * 4 * 32 + 8 * 16 * 512 * 512 * 4
-    assert working_bytes(1, 8192, 1024, 16, linear=True) == 8192 * 1024 * 4 * 32
+    # arithmetic spelled out: 8 x 512 tokens x 1024 x 4 B x 18 live tensors + 8 x 16 x 512^2 x 4 B
+    assert working_bytes(8, 512, 1024, 16) == 8 * 512 * 1024 * 4 * 18 + 8 * 16 * 512 * 512 * 4
+    assert working_bytes(1, 8192, 1024, 16, linear=True) == 8192 * 1024 * 4 * 18
 
 
 def test_text_over_an_explicit_memory_budget_is_refused_with_the_numbers(m3_artifact: Path) -> None:
