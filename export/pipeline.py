@@ -250,8 +250,12 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
             f"int8 mean dense cosine to fp32 is {acc['dense_cosine_mean']} on the calibration set, under the "
             f"threshold {min_cos}; refusing to write it. Export fp32 instead, or pass --min-int8-cosine 0 if the "
             f"weights are random (benchmarks).")
+    fused_embeddings = any(n.op_type == "EmbedLayerNormalization"
+                           for n in onnx.load(str(i8), load_external_data=False).graph.node)
     quant = {"method": "onnxruntime dynamic int8", "weights": "int8 signed, per-channel", "activations":
-             "uint8 per-tensor, computed at run time", "embeddings": "int8 per-tensor (Gather)",
+             "uint8 per-tensor, computed at run time",
+             "embeddings": "fp32 (inside the fused EmbedLayerNormalization, which dynamic mode does not quantise)"
+             if fused_embeddings else "int8 per-tensor (Gather)",
              "kept_fp32": keep, "ops": ["MatMul", "Attention", "Gather"]}
     entry = GraphEntry(file=i8.name, format="onnx", precision="int8", opset=graph.OPSET,
                        cpu_target="any x86-64/arm64; fastest with AVX512-VNNI/AVX-VNNI/ARM dotprod",

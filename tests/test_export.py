@@ -216,3 +216,13 @@ def test_export_prints_timed_progress(tiny_bert_dir: Path, tmp_path: Path) -> No
         assert f"{step}" in r.stderr and "done in" in r.stderr
     assert time.perf_counter() - t < 120
     assert np.isfinite(read_manifest(tmp_path / "o").graph("int8").accuracy["dense_cosine_mean"])
+
+
+def test_int8_manifest_says_whether_the_embedding_table_was_quantised(m3_artifact: Path, bert_artifact: Path) -> None:
+    import onnx
+
+    for art in (m3_artifact, bert_artifact):
+        g = read_manifest(art).graph("int8")
+        ops = {n.op_type for n in onnx.load(str(art / g.file), load_external_data=False).graph.node}
+        fused = "EmbedLayerNormalization" in ops
+        assert g.quantization["embeddings"].startswith("fp32" if fused else "int8"), (art, ops)
