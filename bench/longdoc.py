@@ -29,14 +29,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 _CELL = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 import onnxruntime as ort
 path, mode, L, threads, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 so = ort.SessionOptions(); so.intra_op_num_threads = threads; so.enable_mem_pattern = False
 so.add_session_config_entry("session.intra_op.allow_spinning", "0"); so.log_severity_level = 3
+def hwm():  # own peak RSS in MB (ru_maxrss would start at the parent's, inherited at fork)
+    return int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM:")).split()[1]) / 1024
 sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+load_rss = hwm()
 ids = np.random.default_rng(0).integers(5, 250, (batch, L)); ids[:, 0] = 0; ids[:, -1] = 2
 mask = np.ones_like(ids)
 if mode == "plain":
@@ -47,7 +49,7 @@ for _ in range(int(sys.argv[6])):
     t = time.perf_counter()
     sess.run(["dense", "sparse", "colbert"], {"input_ids": ids, "attention_mask": mask})
     times.append(time.perf_counter() - t)
-print(json.dumps({"load_rss_mb": load_rss, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"load_rss_mb": load_rss, "peak_rss_mb": hwm(),
                   "times": times}))
 """
 
