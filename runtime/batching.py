@@ -66,10 +66,12 @@ def working_bytes(count: int, length: int, hidden_size: int, attention_heads: in
 
 @dataclass(frozen=True)
 class Batch:
-    """Indices into the input list (longest first) and the length to run them at (padded, or exact)."""
+    """Indices into the input list (longest first), the length to run them at (padded, or exact), and the
+    batch's estimated working memory (``working_bytes``, flash branch included when it takes it)."""
 
     indices: np.ndarray
     length: int
+    working_bytes: int
 
 
 def plan_batches(lengths: Sequence[int] | np.ndarray, max_length: int, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -79,7 +81,7 @@ def plan_batches(lengths: Sequence[int] | np.ndarray, max_length: int, batch_siz
     """Cut texts of the given token lengths into batches (see module docstring); every index appears once.
 
     A text that alone exceeds a budget still gets a batch of its own (the caller decides whether to
-    refuse it: ``working_bytes`` says what it needs). ``sort=False`` keeps input order (the naive
+    refuse it: ``Batch.working_bytes`` says what it needs). ``sort=False`` keeps input order (the naive
     baseline the benchmark compares against).
     """
     if batch_size < 1 or max_batch_tokens < 1:
@@ -91,7 +93,8 @@ def plan_batches(lengths: Sequence[int] | np.ndarray, max_length: int, batch_siz
     while i < n:
         longest = int(lens[order[i]])
         if linear_attention and longest > LINEAR_ATTENTION_FROM:
-            batches.append(Batch(indices=order[i:i + 1], length=longest))  # alone, unpadded: flash branch
+            batches.append(Batch(indices=order[i:i + 1], length=longest,  # alone, unpadded: flash branch
+                                 working_bytes=working_bytes(1, longest, hidden_size, attention_heads, linear=True)))
             i += 1
             continue
         j = i + 1
@@ -108,6 +111,8 @@ def plan_batches(lengths: Sequence[int] | np.ndarray, max_length: int, batch_siz
                     bucket_length(int(lens[order[j]]), max_length) < L:
                 break  # big enough already: the next text pads less in a batch of its own bucket
             longest, j = m, j + 1
-        batches.append(Batch(indices=order[i:j], length=bucket_length(longest, max_length)))
+        L = bucket_length(longest, max_length)
+        batches.append(Batch(indices=order[i:j], length=L,
+                             working_bytes=working_bytes(j - i, L, hidden_size, attention_heads)))
         i = j
     return batches

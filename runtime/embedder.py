@@ -17,14 +17,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from . import heads
-from .batching import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MEMORY_MB,
-    LINEAR_ATTENTION_FROM,
-    MAX_BATCH_TOKENS,
-    plan_batches,
-    working_bytes,
-)
+from .batching import DEFAULT_BATCH_SIZE, DEFAULT_MEMORY_MB, LINEAR_ATTENTION_FROM, MAX_BATCH_TOKENS, plan_batches
 from .errors import ArtifactError, BackendError, InputError
 from .integrity import default_cache_dir, verify_files
 from .manifest import Manifest, read_manifest
@@ -138,17 +131,14 @@ class Embedder:
         linear = self.graph.linear_attention
         batches = plan_batches(lengths, max_length, batch_size, max_batch_tokens, H, self.manifest.attention_heads,
                                budget, linear, sort=sort_by_length)
-        if self.max_memory_mb is not None:
-            for b in batches:
-                flash = linear and len(b.indices) == 1 and b.length == int(lengths[b.indices[0]])
-                need = working_bytes(len(b.indices), b.length, H, self.manifest.attention_heads, flash)
-                if need > budget:
-                    k = int(b.indices[0])
-                    raise InputError(
-                        f"texts[{k}] has {int(lengths[k])} tokens: it needs ~{need / 2**20:,.0f} MiB of working "
-                        f"memory, over max_memory_mb={self.max_memory_mb}. Raise max_memory_mb or pass a smaller "
-                        f"max_length" + ("." if linear else "; a BGE-M3 artifact exported by this version of "
-                                         "bge-edge needs much less for long texts (linear-memory attention)."))
+        over = next((b for b in batches if b.working_bytes > budget), None) if self.max_memory_mb else None
+        if over is not None:
+            k = int(over.indices[0])
+            raise InputError(
+                f"texts[{k}] has {int(lengths[k])} tokens: it needs ~{over.working_bytes / 2**20:,.0f} MiB of working "
+                f"memory, over max_memory_mb={self.max_memory_mb}. Raise max_memory_mb or pass a smaller "
+                f"max_length" + ("." if linear else "; a BGE-M3 artifact exported by this version of "
+                                 "bge-edge needs much less for long texts (linear-memory attention)."))
         for b in batches:
             input_ids = np.full((len(b.indices), b.length), self._pad_id, dtype=np.int64)
             mask = np.zeros_like(input_ids)
