@@ -234,7 +234,11 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
     import onnx
 
     i8 = tmp / "model.int8.onnx"
-    down = graph.ffn_down_projections(onnx.load(str(fp32), load_external_data=False))
+    plain = onnx.load(str(fp32), load_external_data=False)  # nodes of the fused fp32 graph, read once
+    down = graph.ffn_down_projections(plain)
+    # the quantiser does not touch EmbedLayerNormalization: if fp32 has one, its table stays fp32 in int8 too
+    fused_embeddings = any(n.op_type == "EmbedLayerNormalization" for n in plain.graph.node)
+    del plain
     acc: dict[str, Any] = {}
     for keep in ([], down):
         with log.step("quantising to int8" + (" (FFN down-projections kept fp32)" if keep else "")):
@@ -250,8 +254,6 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
             f"int8 mean dense cosine to fp32 is {acc['dense_cosine_mean']} on the calibration set, under the "
             f"threshold {min_cos}; refusing to write it. Export fp32 instead, or pass --min-int8-cosine 0 if the "
             f"weights are random (benchmarks).")
-    fused_embeddings = any(n.op_type == "EmbedLayerNormalization"
-                           for n in onnx.load(str(i8), load_external_data=False).graph.node)
     quant = {"method": "onnxruntime dynamic int8", "weights": "int8 signed, per-channel", "activations":
              "uint8 per-tensor, computed at run time",
              "embeddings": "fp32 (inside the fused EmbedLayerNormalization, which dynamic mode does not quantise)"
