@@ -88,3 +88,26 @@ def add_linear_attention(model: Any, hidden_size: int) -> int:
     g.node.extend(prelude)
     g.node.extend(wrapped.get(id(n), n) for n in nodes)
     return len(targets)
+
+
+def remove_linear_attention(model: Any) -> int:
+    """The inverse of `add_linear_attention` (in place): each If back to its plain node; returns how many.
+
+    Gives the graph as exported before the flash branch existed, for benchmarks that compare the two.
+    """
+    g = model.graph
+    nodes, n = [], 0
+    for node in g.node:
+        if node.op_type == "If" and node.name.endswith("_if_unpadded"):
+            plain = next(a.g for a in node.attribute if a.name == "else_branch").node[0]
+            plain.output[0] = node.output[0]
+            nodes.append(plain)
+            n += 1
+        elif not node.name.startswith("longattn_"):
+            nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+    split = [i for i in g.initializer if i.name == "longattn_qkv_split"]
+    for i in split:
+        g.initializer.remove(i)
+    return n

@@ -155,3 +155,16 @@ def test_peak_memory_grows_linearly_on_the_flash_path(m3_artifact: Path) -> None
     assert flash_8k <= 8 * max(flash_2k, 4.0), (flash_2k, flash_8k)
     # the plain graph holds 4 heads x 8192^2 x 4 B = 1 GiB of scores: the measurement can tell the two apart
     assert plain_8k > 10 * flash_8k and plain_8k > 500, (plain_8k, flash_8k)
+
+
+def test_removing_the_flash_branch_restores_the_plain_graph(m3_artifact: Path) -> None:
+    import onnx
+    from bge_edge.export.longattn import add_linear_attention, remove_linear_attention
+
+    model = onnx.load(str(m3_artifact / "model.fp32.onnx"))
+    assert remove_linear_attention(model) == 2
+    ops = [n.op_type for n in model.graph.node]
+    assert "If" not in ops and ops.count("Attention") == 2 and not any("longattn" in n.name for n in model.graph.node)
+    onnx.checker.check_model(model)
+    assert add_linear_attention(model, 32) == 2  # and back: the exported form again
+    assert [n.op_type for n in model.graph.node].count("If") == 2
