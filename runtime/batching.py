@@ -37,7 +37,7 @@ DEFAULT_MEMORY_MB = 2048
 DEFAULT_BATCH_SIZE = 256
 # Sorted batches close at a bucket boundary once they hold this many padded tokens: on CPU a larger batch
 # gains almost nothing, while dragging shorter texts up to the longest one wastes work (MiniLM, 1,000 texts of
-# 8-256 tokens from bench/workload.py: padding 10.8 % -> 3.9 %, INT8 19,731 -> 21,227 tokens/s, 5 interleaved runs).
+# 8-256 tokens: padding 10.8 % -> 3.9 %, INT8 +6.4 % tokens/s, `python -m bench.runtime_ab`).
 FULL_BATCH_TOKENS = 1024
 # Texts longer than this run alone and unpadded on a linear-attention graph (flash branch).
 LINEAR_ATTENTION_FROM = 512
