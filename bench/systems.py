@@ -23,7 +23,6 @@ T0 = time.perf_counter()
 
 import json  # noqa: E402
 import os  # noqa: E402
-import resource  # noqa: E402
 import sys  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
@@ -38,7 +37,9 @@ def cpu_seconds() -> float:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This worker's own peak RSS (VmHWM); ru_maxrss would start at the parent's RSS, inherited at fork."""
+    with open("/proc/self/status") as f:
+        return int(next(x for x in f if x.startswith("VmHWM:")).split()[1]) / 1024
 
 
 # ---- loaders: each returns (encode(list of texts) -> (n, H) float32 L2-normalised, info) ---------------------
