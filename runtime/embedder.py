@@ -272,7 +272,12 @@ class Embedder:
             raise InputError(f"max_length must be an integer >= 2, got {max_length!r}.")
         return min(max_length, self.max_length)
 
-    def _tokenize(self, items: list[str], max_length: int) -> list[Any]:
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text, special tokens included, before truncation (e.g. for a server's limits)."""
+        return [len(x) for x in self._token_ids(self._check_texts(list(texts)))]
+
+    def _token_ids(self, items: list[str]) -> list[list[int]]:
+        """Token ids of each text, untruncated; InputError naming the text for invalid Unicode."""
         try:
             encs = self._tokenizer.encode_batch(items)
         except TypeError:
@@ -284,9 +289,11 @@ class Embedder:
                                      f"{err.start}): not valid Unicode. Clean it first, e.g. "
                                      f"t.encode('utf-8', 'replace').decode('utf-8').") from None
             raise
+        return [enc.ids for enc in encs]
+
+    def _tokenize(self, items: list[str], max_length: int) -> list[Any]:
         out = []
-        for enc in encs:
-            x = enc.ids
+        for x in self._token_ids(items):
             if len(x) > max_length:  # same as tokenizers' truncation: content cut, closing special kept
                 x = _Truncated(x[: max_length - 1] + x[-1:])
             out.append(x)

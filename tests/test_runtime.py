@@ -286,3 +286,13 @@ def test_runtime_never_imports_heavy_packages(m3_artifact: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_count_tokens_counts_before_truncation_and_refuses_invalid_text(m3: Embedder) -> None:
+    long_text = "repeat " * 100
+    assert m3.count_tokens(["", long_text]) == [2, len(m3._tokenizer.encode(long_text).ids)]
+    assert m3.count_tokens([long_text])[0] > 64  # the encode below truncates it, the count does not
+    m3.encode([long_text], max_length=64)
+    assert m3.last_stats.truncated == 1
+    with pytest.raises(InputError, match=r"texts\[1\] holds a lone surrogate"):
+        m3.count_tokens(["ok", "a\ud800b"])
