@@ -12,7 +12,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -21,7 +21,8 @@ from .batching import DEFAULT_BATCH_SIZE, DEFAULT_MEMORY_MB, LINEAR_ATTENTION_FR
 from .errors import ArtifactError, BackendError, InputError
 from .integrity import default_cache_dir, verify_files
 from .manifest import Manifest, read_manifest
-from .session import create_session, parse_device
+from .ov_session import OpenVINOSession
+from .session import choose_backend, create_session, parse_device, physical_cores
 
 __all__ = ["Embedder", "EncodeStats"]
 
@@ -43,19 +44,22 @@ class EncodeStats:
 class Embedder:
     """Encode texts with a bge-edge artifact folder; same outputs as FlagEmbedding's BGEM3FlagModel.
 
-    ``precision`` None picks int8 on CPU (else fp32) and fp16 on CUDA (else fp32). Every file the
+    ``backend`` "auto" runs the artifact's OpenVINO graphs when openvino is installed and the device is the
+    CPU, else ONNX Runtime (``backend_reason`` says why). ``precision`` None picks int8 on CPU (else fp32)
+    and fp16 on CUDA (else fp32). Every file the
     embedder reads is checked against the manifest's size and SHA-256 before any session exists;
     ``hash_cache`` (True: the user cache dir, False: re-hash every time, or a folder) keeps that cheap.
     """
 
     def __init__(self, artifact_dir: str | os.PathLike[str], precision: str | None = None,
-                 backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
+                 backend: str = "auto", device: str = "cpu", threads: int | None = None,
                  hash_cache: bool | str | os.PathLike[str] = True, spin: bool = False,
-                 max_memory_mb: int | None = None) -> None:
-        if backend not in ("onnxruntime", "auto"):
-            raise BackendError(f"backend {backend!r} is not available in this version of bge-edge; use 'onnxruntime'.")
+                 max_memory_mb: int | None = None, streams: int = 1) -> None:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise InputError(f"threads must be a positive integer or None (physical cores), got {threads!r}.")
+        if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
+            raise InputError(f"streams must be a positive integer (batches computing at once, OpenVINO), got "
+                             f"{streams!r}.")
         if max_memory_mb is not None and (not isinstance(max_memory_mb, int) or isinstance(max_memory_mb, bool)
                                           or max_memory_mb < 1):
             raise InputError(f"max_memory_mb must be a positive integer (MiB of working memory per batch, weights "
@@ -66,17 +70,21 @@ class Embedder:
         self.manifest: Manifest = read_manifest(self.root)
         kind, _ = parse_device(device)
         self.device = device
-        self.backend = "onnxruntime"
+        self.backend, self.backend_reason = choose_backend(self.manifest, backend, device, precision)
+        if streams > 1 and self.backend != "openvino":
+            raise InputError(f"streams={streams} applies to the OpenVINO backend only; this embedder runs on "
+                             f"{self.backend} ({self.backend_reason}).")
+        fmt = "openvino" if self.backend == "openvino" else "onnx"
         if precision is None:
             prefs = ("fp16", "fp32", "int8") if kind == "cuda" else ("int8", "fp32", "fp16")
-            have = {g.precision for g in self.manifest.graphs if g.format == "onnx"}
+            have = {g.precision for g in self.manifest.graphs if g.format == fmt}
             precision = next((p for p in prefs if p in have), None)
             if precision is None:
-                raise ArtifactError(f"{self.root} has no ONNX graph; re-export it with --format onnx.")
-        self.graph = self.manifest.graph(precision, "onnx")
+                raise ArtifactError(f"{self.root} has no {fmt} graph; re-export it with --format {fmt}.")
+        self.graph = self.manifest.graph(precision, fmt)
         self.precision = precision
         cache = default_cache_dir() if hash_cache is True else (Path(hash_cache) if hash_cache else None)
-        tok_path, graph_path, *_ = verify_files(
+        tok_path, graph_path, *data = verify_files(
             self.root, self.manifest, [self.manifest.tokenizer, self.graph.file, *self.graph.external_data], cache)
         from tokenizers import Tokenizer
 
@@ -86,7 +94,10 @@ class Embedder:
             raise ArtifactError(f"cannot read {tok_path}: {e}") from None
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
-        self._session = create_session(graph_path, device=device, threads=threads, spin=spin)
+        if self.backend == "openvino":
+            self._session: Any = OpenVINOSession(graph_path, data[0], precision, threads or physical_cores(), streams)
+        else:
+            self._session = create_session(graph_path, device=device, threads=threads, spin=spin)
         self.providers: list[str] = list(self._session.get_providers())
         sp = self.manifest.special_tokens
         self._pad_id = int(sp.get("pad") or 0)
@@ -139,22 +150,18 @@ class Embedder:
                 f"memory, over max_memory_mb={self.max_memory_mb}. Raise max_memory_mb or pass a smaller "
                 f"max_length" + ("." if linear else "; a BGE-M3 artifact exported by this version of "
                                  "bge-edge needs much less for long texts (linear-memory attention)."))
-        for b in batches:
-            input_ids = np.full((len(b.indices), b.length), self._pad_id, dtype=np.int64)
-            mask = np.zeros_like(input_ids)
-            for row, i in enumerate(b.indices):
-                x = ids[i]
-                input_ids[row, : len(x)] = x
-                mask[row, : len(x)] = 1
-            res = dict(zip(outputs, self._run(outputs, input_ids, mask)))
-            stats.padded_tokens += input_ids.size
-            stats.batch_shapes.append(input_ids.shape)
+        feeds = (self._feed(b.indices, b.length, ids) for b in batches)
+        for b, out in zip(batches, self._run_many(outputs, feeds)):
+            res = dict(zip(outputs, out))
+            stats.padded_tokens += len(b.indices) * b.length
+            stats.batch_shapes.append((len(b.indices), b.length))
             for row, i in enumerate(b.indices):
                 n = int(lengths[i])
                 if dense is not None:
                     dense[i] = res["dense"][row]
                 if return_sparse:
-                    sparse[i] = heads.lexical_weights(input_ids[row, :n], res["sparse"][row, :n], self._unused)
+                    sparse[i] = heads.lexical_weights(np.asarray(ids[i], dtype=np.int64), res["sparse"][row, :n],
+                                                      self._unused)
                 if return_colbert_vecs:
                     colbert[i] = heads.colbert_rows(res["colbert"][row], n)
         stats.batches = len(batches)
@@ -237,7 +244,8 @@ class Embedder:
         return {"artifact": str(self.root), "model_id": m.source.get("model_id"), "kind": m.kind,
                 "heads": list(m.heads), "pooling": m.pooling, "hidden_size": m.hidden_size,
                 "max_length": m.max_length, "precision": self.precision, "graph": self.graph.file,
-                "backend": self.backend, "device": self.device, "providers": self.providers,
+                "backend": self.backend, "backend_reason": self.backend_reason, "device": self.device,
+                "providers": self.providers,
                 "accuracy": dict(self.graph.accuracy), "max_batch_tokens": MAX_BATCH_TOKENS,
                 "max_memory_mb": self.max_memory_mb or DEFAULT_MEMORY_MB,
                 "long_inputs": (f"over {LINEAR_ATTENTION_FROM} tokens: alone, unpadded, flash attention (linear memory)"
@@ -299,12 +307,28 @@ class Embedder:
             out.append(x)
         return out
 
-    def _run(self, outputs: list[str], input_ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    def _feed(self, indices: np.ndarray, length: int, ids: list[Any]) -> dict[str, np.ndarray]:
+        """The padded ``input_ids`` / ``attention_mask`` of one batch."""
+        input_ids = np.full((len(indices), length), self._pad_id, dtype=np.int64)
+        mask = np.zeros_like(input_ids)
+        for row, i in enumerate(indices):
+            x = ids[i]
+            input_ids[row, : len(x)] = x
+            mask[row, : len(x)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def _run_many(self, outputs: list[str], feeds: Iterator[dict[str, np.ndarray]]) -> Iterator[list[np.ndarray]]:
+        if isinstance(self._session, OpenVINOSession):
+            return self._session.run_many(outputs, feeds)  # keeps `streams` batches in flight
+        return (self._run(outputs, f) for f in feeds)
+
+    def _run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
-            return self._session.run(outputs, {"input_ids": input_ids, "attention_mask": mask})
+            return self._session.run(outputs, feeds)
         except Exception as e:
-            raise BackendError(f"inference failed on a batch of shape {input_ids.shape}: {str(e).strip()[:400]}. "
-                               f"If this is out of memory, lower batch_size or max_batch_tokens.") from None
+            raise BackendError(f"inference failed on a batch of shape {feeds['input_ids'].shape}: "
+                               f"{str(e).strip()[:400]}. If this is out of memory, lower batch_size or "
+                               f"max_batch_tokens.") from None
 
 
 class _Truncated(list):  # type: ignore[type-arg]

@@ -13,8 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BackendError, MissingExtraError
+from .manifest import Manifest
+from .ov_session import INSTALL as OPENVINO_INSTALL
+from .ov_session import openvino_installed
 
-__all__ = ["physical_cores", "parse_device", "build_providers", "create_session"]
+__all__ = ["physical_cores", "parse_device", "choose_backend", "build_providers", "create_session"]
+
+BACKENDS = ("onnxruntime", "openvino", "auto")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -58,6 +63,33 @@ def parse_device(device: str) -> tuple[str, int]:
     if d.startswith("cuda:") and d[5:].isdigit():
         return "cuda", int(d[5:])
     raise BackendError(f"device {device!r} is not understood; use 'cpu', 'cuda', 'cuda:N' or 'auto'.")
+
+
+def choose_backend(manifest: Manifest, backend: str, device: str, precision: str | None) -> tuple[str, str]:
+    """(``onnxruntime`` | ``openvino``, why): ``auto`` takes OpenVINO when it is installed and the artifact has
+    an OpenVINO graph (of ``precision`` when given) and the device is the CPU; ONNX Runtime otherwise."""
+    if backend not in BACKENDS:
+        raise BackendError(f"backend {backend!r} is not known; use one of {list(BACKENDS)}.")
+    kind, _ = parse_device(device)
+    ov_graphs = {g.precision for g in manifest.graphs if g.format == "openvino"}
+    if backend == "onnxruntime":
+        return backend, "asked for"
+    if backend == "openvino":
+        if kind != "cpu":
+            raise BackendError(f"backend='openvino' runs on the CPU here; device={device!r} needs "
+                               f"backend='onnxruntime' (CUDA provider).")
+        if not openvino_installed():
+            raise MissingExtraError(f"backend='openvino' needs the openvino package, not installed: run "
+                                    f"{OPENVINO_INSTALL}  (or use backend='onnxruntime').")
+        return backend, "asked for"
+    if kind != "cpu":
+        return "onnxruntime", f"device={device!r}: GPUs run on ONNX Runtime's CUDA provider"
+    if not ov_graphs or (precision is not None and precision not in ov_graphs):
+        what = "no OpenVINO graph" if not ov_graphs else f"no OpenVINO {precision} graph"
+        return "onnxruntime", f"the artifact has {what} (export with --format onnx openvino)"
+    if not openvino_installed():
+        return "onnxruntime", f"openvino is not installed ({OPENVINO_INSTALL} to use the artifact's OpenVINO graphs)"
+    return "openvino", "openvino is installed and the artifact has OpenVINO graphs"
 
 
 def build_providers(device: str, available: list[str]) -> list[tuple[str, dict[str, Any]]]:
