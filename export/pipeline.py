@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib.util
 import os
 import platform
 import shutil
@@ -24,11 +25,13 @@ from bge_edge.runtime.integrity import sha256_file
 from bge_edge.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, GraphEntry, Manifest
 
 from . import check, graph
+from . import openvino as ov_export
 from .source import SourceModel, inspect_model, load_torch_modules, resolve_model
 
-__all__ = ["export_model", "ExportError", "PRECISIONS"]
+__all__ = ["export_model", "ExportError", "PRECISIONS", "FORMATS"]
 
 PRECISIONS = ("fp32", "int8", "fp16")
+FORMATS = ("onnx", "openvino")
 _TMP_PREFIX = ".bge-edge-export-"
 
 
@@ -103,25 +106,37 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str],
                  precisions: Sequence[str] = ("fp32", "int8"),
                  *, kind: str = "auto", force: bool = False, min_int8_cosine: float = check.MIN_INT8_COSINE,
                  query_instruction: str | None = None, max_length: int | None = None, quiet: bool = False,
-                 stream: Any = None, _after_step: Callable[[str], None] | None = None) -> Manifest:
+                 formats: Sequence[str] = ("onnx",), stream: Any = None,
+                 _after_step: Callable[[str], None] | None = None) -> Manifest:
     """Export ``model`` (local folder or hub id) to the artifact folder ``out``; return its manifest.
 
-    ``precisions`` is any of fp32, int8, fp16. INT8 whose mean dense cosine to FP32 on the calibration
-    set is below ``min_int8_cosine`` is refused (pass 0 for random-weight benchmark models).
+    ``precisions`` is any of fp32, int8, fp16; ``formats`` any of onnx, openvino (each format gets each
+    precision). INT8 whose mean dense cosine to FP32 on the calibration set is below ``min_int8_cosine``
+    is refused (pass 0 for random-weight benchmark models).
     """
     precisions = tuple(dict.fromkeys(precisions))
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
         raise ExportError(f"unknown precision(s) {bad or '(none)'}; choose from {list(PRECISIONS)}.")
+    formats = tuple(dict.fromkeys(formats))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ExportError(f"unknown format(s) {bad or '(none)'}; choose from {list(FORMATS)}.")
+    from bge_edge.runtime.errors import MissingExtraError
+
     try:
         import onnx  # noqa: F401
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
-        from bge_edge.runtime.errors import MissingExtraError
-
         raise MissingExtraError(f"export needs {e.name!r}, which is not installed: run "
                                 f"pip install 'bge-edge[export]'") from None
+    if "openvino" in formats:
+        need = ["openvino"] + (["nncf"] if "int8" in precisions else [])
+        missing = [m for m in need if importlib.util.find_spec(m) is None]
+        if missing:
+            raise MissingExtraError(f"--format openvino needs {', '.join(missing)}, not installed: run "
+                                    f"pip install 'bge-edge[export,openvino]'")
     out = Path(out).expanduser().absolute()
     _check_out(out, force)
     log = _Progress(stream or sys.stderr, quiet)
@@ -138,7 +153,7 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str],
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        manifest = _export_into(src, tmp, precisions, min_int8_cosine, log, note)
+        manifest = _export_into(src, tmp, precisions, formats, min_int8_cosine, log, note)
         _finalize(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -147,8 +162,8 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str],
     return manifest
 
 
-def _export_into(src: SourceModel, tmp: Path, precisions: tuple[str, ...], min_int8_cosine: float, log: _Progress,
-                 note: Callable[[str], None]) -> Manifest:
+def _export_into(src: SourceModel, tmp: Path, precisions: tuple[str, ...], formats: tuple[str, ...],
+                 min_int8_cosine: float, log: _Progress, note: Callable[[str], None]) -> Manifest:
     work = tmp / ".work"
     (work / "trace").mkdir(parents=True)
     shutil.copyfile(src.path / "tokenizer.json", tmp / "tokenizer.json")
@@ -165,12 +180,36 @@ def _export_into(src: SourceModel, tmp: Path, precisions: tuple[str, ...], min_i
         ref = check.run_torch(graph.graph_module(src, *modules), ids)
     del modules  # free the PyTorch weights before fusion: peak memory is the largest of the steps, not their sum
     _release_memory()
+    graphs: list[GraphEntry] = []
+    if "onnx" in formats:
+        graphs += _onnx_graphs(src, tmp, traced, precisions, ids, pad, ref, min_int8_cosine, log, note)
+    if "openvino" in formats:
+        graphs += _openvino_graphs(src, tmp, traced, precisions, ids, ref, min_int8_cosine, log, note)
+    shutil.rmtree(work)
+    with log.step("hashing files"):
+        files = {p.relative_to(tmp).as_posix(): FileEntry(size=p.stat().st_size, sha256=sha256_file(p))
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, source={"model_id": src.model_id, "revision": src.revision},
+        kind=src.kind, heads=src.heads, pooling=src.pooling, hidden_size=src.hidden_size, attention_heads=src.num_heads,
+        max_length=src.max_length,
+        special_tokens=src.special_tokens, query_instruction=src.query_instruction, tokenizer="tokenizer.json",
+        graphs=tuple(graphs), files=files,
+        exporter={**_versions(), **(ov_export.versions() if "openvino" in formats else {})},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+    return manifest
+
+
+def _onnx_graphs(src: SourceModel, tmp: Path, traced: Path, precisions: tuple[str, ...], ids: list[list[int]],
+                 pad: int, ref: list[list[Any]], min_int8_cosine: float, log: _Progress,
+                 note: Callable[[str], None]) -> list[GraphEntry]:
+    """The fused ONNX Runtime graphs (fp32, int8, fp16), each checked; the fp32 file is dropped if not asked for."""
     fp32 = tmp / "model.fp32.onnx"
     with log.step("fusing for CPU (ONNX Runtime transformer optimiser)"):
         fused_stats, fp32_extra = graph.fuse_for_cpu(src, traced, fp32)
     log.say(f"fused: {fused_stats}")
     note("fused")
-    shutil.rmtree(work / "trace")
     _release_memory()  # the optimiser's copies of the graph
     with log.step("checking fp32 graph against PyTorch"):
         got32 = check.run_graph(fp32, ids, pad)
@@ -213,19 +252,84 @@ def _export_into(src: SourceModel, tmp: Path, precisions: tuple[str, ...], min_i
     if "fp32" not in precisions:
         for f in [fp32, *(tmp / e for e in fp32_extra)]:
             f.unlink()
-    shutil.rmtree(work)
-    with log.step("hashing files"):
-        files = {p.relative_to(tmp).as_posix(): FileEntry(size=p.stat().st_size, sha256=sha256_file(p))
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-    manifest = Manifest(
-        schema_version=SCHEMA_VERSION, source={"model_id": src.model_id, "revision": src.revision},
-        kind=src.kind, heads=src.heads, pooling=src.pooling, hidden_size=src.hidden_size, attention_heads=src.num_heads,
-        max_length=src.max_length,
-        special_tokens=src.special_tokens, query_instruction=src.query_instruction, tokenizer="tokenizer.json",
-        graphs=tuple(graphs), files=files, exporter=_versions(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-    return manifest
+    return graphs
+
+
+def _openvino_graphs(src: SourceModel, tmp: Path, traced: Path, precisions: tuple[str, ...], ids: list[list[int]],
+                     ref: list[list[Any]], min_cos: float, log: _Progress,
+                     note: Callable[[str], None]) -> list[GraphEntry]:
+    """OpenVINO IR graphs converted from the plain traced graph, each checked against PyTorch (see openvino.py)."""
+    folder = tmp / ov_export.FOLDER
+    graphs = []
+    with log.step("converting the plain traced graph to OpenVINO IR"):
+        model = ov_export.convert(traced)
+    for prec in (p for p in ("fp32", "fp16") if p in precisions):
+        xml = folder / f"model.{prec}.xml"
+        with log.step(f"writing and checking the OpenVINO {prec} graph"):
+            extra = ov_export.save(model, xml, compress_to_fp16=prec == "fp16")
+            got, execution = ov_export.run_ir(xml, prec, ids)
+        if prec == "fp32":
+            acc: dict[str, Any] = check.parity(ref, got)
+            bad = max(acc.values()) > check.PARITY_TOLERANCE
+        else:
+            acc = check.agreement(ref, got)
+            bad = acc["dense_cosine_mean"] < check.MIN_FP16_COSINE
+        log.say(f"openvino {prec} ({execution} execution) vs PyTorch: {acc}")
+        if bad:
+            raise ExportError(f"the OpenVINO {prec} graph disagrees with PyTorch ({acc}); refusing to write it. "
+                              f"Export --format onnx only, and please report this.")
+        graphs.append(GraphEntry(
+            file=xml.relative_to(tmp).as_posix(), format="openvino", precision=prec, cpu_target=_OV_TARGET,
+            external_data=tuple(extra),
+            quantization={"method": "none" if prec == "fp32" else "fp16 weights (compress_to_fp16)",
+                          "execution": ov_export.EXECUTION_PRECISION[prec] or "OpenVINO CPU default"},
+            accuracy={"reference": "pytorch fp32", "n_texts": len(ids), "measured_execution": execution, **acc}))
+        note(f"openvino-{prec}")
+    if "int8" in precisions:
+        del model
+        graphs.append(_openvino_int8(tmp, traced, ids, ref, min_cos, log))
+        note("openvino-int8")
+    return graphs
+
+
+_OV_TARGET = "x86-64/arm64 (OpenVINO CPU plugin); int8 fastest with AVX512-VNNI/AMX"
+
+
+def _openvino_int8(tmp: Path, traced: Path, ids: list[list[int]], ref: list[list[Any]], min_cos: float,
+                   log: _Progress) -> GraphEntry:
+    """Measure static and weight-only INT8 on the calibration texts; keep static (faster) when it clears the bar."""
+    xml = tmp / ov_export.FOLDER / "model.int8.xml"
+    spare = tmp / ".work" / "ov-weight-only" / "model.int8.xml"
+    measured: dict[str, dict[str, Any]] = {}
+    for method, path, make in (("static", xml, ov_export.quantize_static),
+                               ("weight_only", spare, lambda m, _ids: ov_export.compress_weights(m))):
+        with log.step(f"quantising the OpenVINO graph to int8 ({method.replace('_', '-')}, NNCF)"):
+            ov_export.save(make(ov_export.convert(traced), ids), path, compress_to_fp16=False)
+            got, execution = ov_export.run_ir(path, "int8", ids)
+        measured[method] = {**check.agreement(ref, got), "measured_execution": execution}
+        log.say(f"openvino int8 {method}: {measured[method]}")
+        _release_memory()
+    chosen = next((m for m in ("static", "weight_only") if measured[m]["dense_cosine_mean"] >= min_cos), None)
+    if chosen is None:
+        raise ExportError(
+            f"OpenVINO int8 mean dense cosine to PyTorch fp32 is {measured['static']['dense_cosine_mean']} (static) "
+            f"and {measured['weight_only']['dense_cosine_mean']} (weight-only), both under {min_cos}; refusing to "
+            f"write it. Export fp16/fp32 instead, or pass --min-int8-cosine 0 if the weights are random (benchmarks).")
+    if chosen == "weight_only":
+        os.replace(spare, xml)
+        os.replace(spare.with_suffix(".bin"), xml.with_suffix(".bin"))
+    quant = {"method": f"nncf {chosen.replace('_', '-')} int8",
+             "weights": "int8 per output channel" + (", symmetric" if chosen == "static" else ", asymmetric"),
+             "activations": "int8 per tensor, static scales from the calibration texts" if chosen == "static"
+             else "float", "execution": ov_export.EXECUTION_PRECISION["int8"],
+             "chosen": f"{chosen}: " + ("the faster one, over the bar" if chosen == "static"
+                                        else "static was under the bar"),
+             "candidates": measured}
+    return GraphEntry(file=xml.relative_to(tmp).as_posix(), format="openvino", precision="int8", cpu_target=_OV_TARGET,
+                      external_data=(xml.with_suffix(".bin").relative_to(tmp).as_posix(),),
+                      quantization=quant,
+                      accuracy={"reference": "pytorch fp32", "n_texts": len(ids), **measured[chosen],
+                                "threshold_dense_cosine_mean": min_cos})
 
 
 def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: int, got32: list[list[Any]],
