@@ -22,7 +22,7 @@ def _export(a: argparse.Namespace) -> int:
     from bge_edge.export import export_model
 
     export_model(a.model, a.out, a.precision, kind=a.kind, force=a.force, min_int8_cosine=a.min_int8_cosine,
-                 query_instruction=a.query_instruction, max_length=a.max_length)
+                 query_instruction=a.query_instruction, max_length=a.max_length, formats=a.format)
     return 0
 
 
@@ -56,7 +56,8 @@ def _encode(a: argparse.Namespace) -> int:
     from bge_edge.runtime import Embedder
 
     texts = _read_texts(a.input, a.jsonl)
-    model = Embedder(a.artifact, precision=a.precision, device=a.device, threads=a.threads)
+    model = Embedder(a.artifact, precision=a.precision, backend=a.backend, device=a.device, threads=a.threads,
+                     streams=a.streams)
     encode = model.encode_queries if a.queries else model.encode
     out = sys.stdout
     t0, done, tokens, truncated = time.perf_counter(), 0, 0, 0
@@ -89,22 +90,28 @@ def _info(a: argparse.Namespace) -> int:
     import onnxruntime as ort
 
     from bge_edge.runtime import read_manifest
-    from bge_edge.runtime.session import build_providers
+    from bge_edge.runtime.session import build_providers, choose_backend
 
     m = read_manifest(a.artifact)
     available = ort.get_available_providers()
     try:
-        chosen = [p for p, _ in build_providers(a.device, available)]
-        why = f"device={a.device!r}; onnxruntime {ort.__version__} offers {available}"
+        backend, reason = choose_backend(m, a.backend, a.device, None)
+        if backend == "openvino":
+            chosen, why = ["OpenVINO CPU"], f"backend={a.backend!r}: {reason}"
+        else:
+            chosen = [p for p, _ in build_providers(a.device, available)]
+            why = f"backend={a.backend!r}: {reason}; device={a.device!r}; onnxruntime {ort.__version__} offers " \
+                  f"{available}"
     except BgeEdgeError as e:
-        chosen, why = [], str(e)
+        backend, chosen, why = "none", [], str(e)
     info = {"artifact": str(a.artifact), "source": dict(m.source), "kind": m.kind, "heads": list(m.heads),
             "pooling": m.pooling, "hidden_size": m.hidden_size, "max_length": m.max_length,
             "query_instruction": m.query_instruction,
             "graphs": [{"file": g.file, "format": g.format, "precision": g.precision, "cpu_target": g.cpu_target,
                         "size_mb": round(sum(m.files[f].size for f in (g.file, *g.external_data)) / 1e6, 1),
-                        "accuracy": dict(g.accuracy)} for g in m.graphs],
-            "backend": "onnxruntime", "providers": chosen, "why": why, "exporter": dict(m.exporter),
+                        "quantization": g.quantization.get("method"), "accuracy": dict(g.accuracy)}
+                       for g in m.graphs],
+            "backend": backend, "providers": chosen, "why": why, "exporter": dict(m.exporter),
             "created": m.created}
     print(json.dumps(info, indent=2, ensure_ascii=False))
     return 0
@@ -161,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="local Hugging Face folder, or a hub id such as BAAI/bge-m3 (needs network)")
     e.add_argument("--out", required=True, help="artifact folder to create")
     e.add_argument("--precision", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8", "fp16"])
-    e.add_argument("--format", nargs="+", default=["onnx"], choices=["onnx"],
-                   help="graph formats (onnx; openvino comes with the [openvino] extra)")
+    e.add_argument("--format", nargs="+", default=["onnx"], choices=["onnx", "openvino"],
+                   help="graph formats: onnx (ONNX Runtime), openvino (IR; needs the [openvino] extra)")
     e.add_argument("--kind", default="auto", choices=["auto", "m3", "dense"])
     e.add_argument("--force", action="store_true", help="replace an existing --out")
     e.add_argument("--min-int8-cosine", type=float, default=0.99,
@@ -176,8 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--input", default="-", help="file with one text per line, or - for stdin (default)")
     c.add_argument("--jsonl", action="store_true", help="input lines are JSON objects with a \"text\" field")
     c.add_argument("--precision", default=None, choices=["fp32", "int8", "fp16"])
+    c.add_argument("--backend", default="auto", choices=["onnxruntime", "openvino", "auto"],
+                   help="auto: OpenVINO when installed and the artifact has it, else ONNX Runtime")
     c.add_argument("--device", default="cpu")
     c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--streams", type=int, default=1, help="OpenVINO: batches computing at once (throughput)")
     c.add_argument("--batch-size", type=int, default=256)
     c.add_argument("--max-length", type=int, default=None)
     c.add_argument("--no-dense", action="store_true")
@@ -188,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe an artifact and the backend that would run it")
     i.add_argument("artifact")
+    i.add_argument("--backend", default="auto", choices=["onnxruntime", "openvino", "auto"])
     i.add_argument("--device", default="cpu")
     i.set_defaults(func=_info)
 
