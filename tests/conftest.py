@@ -60,10 +60,10 @@ def minilm_dir() -> Path:
     return path
 
 
-def _export(src: Path, out: Path, precisions: list[str]) -> Path:
+def _export(src: Path, out: Path, precisions: list[str], formats: tuple[str, ...] = ("onnx",)) -> Path:
     from bge_edge.export import export_model
 
-    export_model(src, out, precisions, quiet=True)
+    export_model(src, out, precisions, quiet=True, formats=formats)
     return out
 
 
@@ -80,6 +80,19 @@ def bert_artifact(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="session")
 def minilm_artifact(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _export(minilm_dir, tmp_path_factory.mktemp("art") / "minilm", ["fp32", "int8", "fp16"])
+
+
+@pytest.fixture(scope="session")
+def m3_ov_artifact(tiny_m3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny M3 with ONNX and OpenVINO graphs in one folder (what backend='auto' chooses between)."""
+    return _export(tiny_m3_dir, tmp_path_factory.mktemp("art") / "m3-ov", ["fp32", "int8", "fp16"],
+                   ("onnx", "openvino"))
+
+
+@pytest.fixture(scope="session")
+def minilm_ov_artifact(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real MiniLM, OpenVINO graphs only."""
+    return _export(minilm_dir, tmp_path_factory.mktemp("art") / "minilm-ov", ["fp32", "int8", "fp16"], ("openvino",))
 
 
 @pytest.fixture(scope="session")

@@ -83,15 +83,23 @@ def test_base_install_in_a_fresh_venv_encodes_without_torch(m3_artifact: Path, t
                        timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     code = ("import importlib.util, json, sys\n"
-            "from bge_edge.runtime import Embedder\n"
+            "from bge_edge.runtime import Embedder, MissingExtraError\n"
             f"m = Embedder({str(m3_artifact)!r}, hash_cache=False)\n"
             "o = m.encode(['hello'], return_sparse=True, return_colbert_vecs=True)\n"
-            "print(json.dumps({'dim': o['dense_vecs'].shape[1], "
-            "'absent': [n for n in ('torch', 'transformers', 'onnx', 'optimum') "
+            "try:\n"
+            f"    Embedder({str(m3_artifact)!r}, backend='openvino', hash_cache=False)\n"
+            "    ov_error = ''\n"
+            "except MissingExtraError as e:\n"
+            "    ov_error = str(e)\n"
+            "print(json.dumps({'dim': o['dense_vecs'].shape[1], 'backend': m.backend, 'ov_error': ov_error, "
+            "'absent': [n for n in ('torch', 'transformers', 'onnx', 'optimum', 'openvino') "
             "if importlib.util.find_spec(n) is None]}))")
     r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == {"dim": 32, "absent": ["torch", "transformers", "onnx", "optimum"]}
+    out = json.loads(r.stdout)
+    assert "pip install 'bge-edge[openvino]'" in out.pop("ov_error")
+    assert out == {"dim": 32, "backend": "onnxruntime",
+                   "absent": ["torch", "transformers", "onnx", "optimum", "openvino"]}
     r = subprocess.run([str(venv / "bin" / "bge-edge"), "export", "x", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and "pip install 'bge-edge[export]'" in r.stderr
