@@ -60,6 +60,15 @@ def systems() -> list[System]:
                 f"minilm/{key}", f"bge-edge ORT {prec.upper()}" + ("" if sort else " (input order)"), "minilm",
                 "edge", {"artifact": m_edge, "precision": prec, "sort": sort, "max_length": L}, prec,
                 ("edge-minilm",), None if prec == "fp32" else "minilm/edge-fp32", accuracy=sort))
+    m_ov = str(prep.MINILM_EDGE_OV)
+    for prec, streams in (("int8", 1), ("int8", 2), ("fp16", 1), ("fp32", 1)):
+        key = f"edge-ov-{prec}" + ("" if streams == 1 else f"-{streams}streams")
+        what = {"int8": "INT8", "fp16": "FP16 (OV default precision)", "fp32": "FP32 (f32 execution)"}[prec]
+        out.append(System(
+            f"minilm/{key}", f"bge-edge OpenVINO {what}" + ("" if streams == 1 else f", {streams} streams"), "minilm",
+            "edge", {"artifact": m_ov, "precision": prec, "backend": "openvino", "streams": streams, "max_length": L},
+            prec, ("edge-minilm", "edge-minilm-ov"), None if prec == "fp32" else "minilm/edge-fp32",
+            accuracy=streams == 1))
     out += [
         System("minilm/ort-naive-int8", "plain onnxruntime, same INT8 graph (input order, batch 32)", "minilm",
                "naive", {"graph": m_edge + "/model.int8.onnx", "tokenizer": m_edge + "/tokenizer.json",

@@ -9,6 +9,15 @@ from typing import Any
 
 GOALS = [  # (label, system A, system B, goal ratio A/B or None)
     ("bge-edge INT8 vs sentence-transformers OpenVINO INT8", "minilm/edge-int8", "minilm/st-openvino-int8", 1.5),
+    ("bge-edge OpenVINO INT8 vs sentence-transformers OpenVINO INT8", "minilm/edge-ov-int8",
+     "minilm/st-openvino-int8", 1.3),
+    ("bge-edge OpenVINO INT8, 2 streams vs sentence-transformers OpenVINO INT8", "minilm/edge-ov-int8-2streams",
+     "minilm/st-openvino-int8", None),
+    ("bge-edge OpenVINO FP16 vs sentence-transformers OpenVINO (FP32 IR)", "minilm/edge-ov-fp16",
+     "minilm/st-openvino", None),
+    ("bge-edge OpenVINO INT8 vs bge-edge ORT INT8 (same runtime, other backend)", "minilm/edge-ov-int8",
+     "minilm/edge-int8", None),
+    ("bge-edge OpenVINO FP32 vs bge-edge ORT FP32", "minilm/edge-ov-fp32", "minilm/edge-fp32", None),
     ("bge-edge INT8 vs sentence-transformers torch FP32", "minilm/edge-int8", "minilm/st-torch-fp32", 4.0),
     ("bge-edge INT8 vs sentence-transformers onnx INT8", "minilm/edge-int8", "minilm/st-onnx-int8", None),
     ("bge-edge INT8 vs sentence-transformers OpenVINO (FP32 IR)", "minilm/edge-int8", "minilm/st-openvino", None),

@@ -48,7 +48,8 @@ def peak_rss_mb() -> float:
 def load_edge(p: dict[str, Any]) -> tuple[Encode, dict[str, Any]]:
     from bge_edge.runtime import Embedder
 
-    m = Embedder(p["artifact"], precision=p["precision"], threads=p.get("threads"))
+    m = Embedder(p["artifact"], precision=p["precision"], threads=p.get("threads"),
+                 backend=p.get("backend", "onnxruntime"), streams=int(p.get("streams", 1)))
     sort, max_length = bool(p.get("sort", True)), int(p["max_length"])
     kw: dict[str, Any] = {"max_length": max_length, "sort_by_length": sort}
     if p.get("batch_size"):
@@ -57,8 +58,11 @@ def load_edge(p: dict[str, Any]) -> tuple[Encode, dict[str, Any]]:
     def encode(texts: list) -> Any:
         return m.encode(texts, **kw)["dense_vecs"]
 
-    opts = m._session.get_session_options()  # noqa: SLF001  (read-only: what the runtime chose)
-    return encode, {"threads": opts.intra_op_num_threads, "providers": m.providers,
+    if m.backend == "openvino":
+        threads: Any = m.providers[0]
+    else:
+        threads = m._session.get_session_options().intra_op_num_threads  # noqa: SLF001  (what the runtime chose)
+    return encode, {"threads": threads, "providers": m.providers,
                     "batching": "sorted by length, token budget, buckets" if sort else "input order, token budget"}
 
 

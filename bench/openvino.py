@@ -1,0 +1,241 @@
+"""The OpenVINO backend's settings, measured on real all-MiniLM-L6-v2 in one process, interleaved over rounds:
+
+  1. hints and streams: LATENCY with 1 stream (the default) vs THROUGHPUT with 2 streams, per graph precision:
+     corpus tokens/s, batch-1 query latency, and the CPU the process burns while idle afterwards;
+  2. shapes: the IR compiled once with dynamic shapes (the default) vs one compile per bucket length with the
+     sequence axis made static ([-1, L]) vs fully static ([B, L]) per batch shape;
+  3. profile of one corpus pass: tokenisation, inference, the rest (padding, copies, heads) and the padding
+     share; and OpenVINO's per-op timings (PERF_COUNT) on a typical batch.
+
+    .venv-bench/bin/python -m bench.openvino [--rounds 3] [--texts 1000] [--queries 300]
+
+Uses the bench's artifacts (bench/.cache/artifacts/minilm-openvino, made by ``python -m bench.prepare
+edge-minilm-ov`` when missing). Corpus: bench/workload.py's mixed-length SciFact texts (8-256 tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from bench import prepare as prep
+from bench.workload import MAX_LENGTH, cpu_info, load_corpus
+
+
+def _cpu_s() -> float:
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _ensure_artifacts() -> None:
+    for step, folder in (("edge-minilm-ov", prep.MINILM_EDGE_OV), ("edge-minilm", prep.MINILM_EDGE)):
+        if not (folder / "manifest.json").is_file():
+            subprocess.run([sys.executable, "-m", "bench.prepare", step], check=True)
+
+
+def _corpus_tps(emb: Any, texts: list[str]) -> float:
+    t = time.perf_counter()
+    emb.encode(texts, max_length=MAX_LENGTH)
+    return emb.last_stats.tokens / (time.perf_counter() - t)
+
+
+def _query_ms(emb: Any, queries: list[str]) -> list[float]:
+    out = []
+    for q in queries:
+        t = time.perf_counter()
+        emb.encode([q], max_length=MAX_LENGTH)
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def _idle_cpu_pct(seconds: float) -> float:
+    c = _cpu_s()
+    time.sleep(seconds)
+    return 100 * (_cpu_s() - c) / seconds
+
+
+def hints(texts: list[str], queries: list[str], rounds: int) -> None:
+    from bge_edge.runtime import Embedder
+
+    print("## 1. Hints and streams (batches from the runtime's planner; batch-1 queries one at a time)\n")
+    configs: list[tuple[str, dict[str, Any]]] = [("ORT INT8 (reference)", {"artifact_dir": prep.MINILM_EDGE,
+                                                                            "precision": "int8",
+                                                                            "backend": "onnxruntime"})]
+    for prec in ("int8", "fp16", "fp32"):
+        for streams in (1, 2):
+            name = f"OV {prec.upper()}, " + ("LATENCY, 1 stream" if streams == 1 else "THROUGHPUT, 2 streams")
+            configs.append((name, {"artifact_dir": prep.MINILM_EDGE_OV, "precision": prec, "backend": "openvino",
+                                   "streams": streams}))
+    embs = {name: Embedder(**kw) for name, kw in configs}
+    for e in embs.values():
+        e.encode(texts[:64], max_length=MAX_LENGTH)
+    tps: dict[str, list[float]] = defaultdict(list)
+    lat: dict[str, list[float]] = defaultdict(list)
+    idle: dict[str, list[float]] = defaultdict(list)
+    for _ in range(rounds):
+        for name, e in embs.items():
+            tps[name].append(_corpus_tps(e, texts))
+            lat[name] += _query_ms(e, queries)
+            idle[name].append(_idle_cpu_pct(1.0))
+    print("| configuration | providers | corpus tokens/s | query p50 ms | query p95 ms | idle CPU % after |")
+    print("|---|---|---|---|---|---|")
+    for name, e in embs.items():
+        q = np.percentile(lat[name], [50, 95])
+        print(f"| {name} | {e.providers[0]} | {statistics.median(tps[name]):,.0f} | {q[0]:.2f} | {q[1]:.2f} | "
+              f"{statistics.median(idle[name]):.1f} |")
+    print()
+
+
+class _PerShape:
+    """An OpenVINOSession stand-in compiling the IR once per bucket length ([-1, L]) or per batch shape ([B, L])."""
+
+    def __init__(self, base: Any, xml: str, weights: str, precision: str, full: bool) -> None:
+        import openvino as ov
+        from bge_edge.runtime.ov_session import EXECUTION_PRECISION
+
+        self._core, self._xml, self._weights, self._full = ov.Core(), xml, weights, full
+        self._cfg: dict[str, Any] = {"INFERENCE_NUM_THREADS": base.threads, "PERFORMANCE_HINT": "LATENCY"}
+        if EXECUTION_PRECISION[precision]:
+            self._cfg["INFERENCE_PRECISION_HINT"] = EXECUTION_PRECISION[precision]
+        self._reqs: dict[tuple[int, int], Any] = {}
+        self.compile_s = 0.0
+
+    def _req(self, b: int, n: int) -> Any:
+        key = (b if self._full else -1, n)
+        if key not in self._reqs:
+            t = time.perf_counter()
+            model = self._core.read_model(self._xml, self._weights)
+            model.reshape({"input_ids": list(key), "attention_mask": list(key)})
+            self._reqs[key] = self._core.compile_model(model, "CPU", self._cfg).create_infer_request()
+            self.compile_s += time.perf_counter() - t
+        return self._reqs[key]
+
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        r = self._req(*feeds["input_ids"].shape)
+        r.infer(feeds)
+        return [r.get_tensor(name).data.copy() for name in outputs]
+
+
+def shapes(texts: list[str], rounds: int) -> None:
+    from bge_edge.runtime import Embedder
+
+    print("## 2. Dynamic shapes vs one compile per bucket length / batch shape (INT8, 1 stream)\n")
+    xml = str(prep.MINILM_EDGE_OV / "openvino" / "model.int8.xml")
+    embs: dict[str, Any] = {}
+    for name, full in (("dynamic [-1, -1] (default)", None), ("per bucket length [-1, L]", False),
+                       ("per batch shape [B, L]", True)):
+        e = Embedder(prep.MINILM_EDGE_OV, precision="int8", backend="openvino")
+        if full is not None:
+            e._session = _PerShape(e._session, xml, xml[:-4] + ".bin", "int8", full)  # noqa: SLF001
+        embs[name] = e
+    first: dict[str, float] = {}
+    for name, e in embs.items():  # first pass: includes the per-shape compiles
+        t = time.perf_counter()
+        e.encode(texts, max_length=MAX_LENGTH)
+        first[name] = time.perf_counter() - t
+    tps: dict[str, list[float]] = defaultdict(list)
+    for _ in range(rounds):
+        for name, e in embs.items():
+            tps[name].append(_corpus_tps(e, texts))
+    shapes_seen = sorted(set(embs["dynamic [-1, -1] (default)"].last_stats.batch_shapes))
+    print(f"{len(shapes_seen)} batch shapes, {len({n for _, n in shapes_seen})} bucket lengths in one pass\n")
+    print("| shapes | corpus tokens/s (warm) | first pass s (compiles included) | compile s |")
+    print("|---|---|---|---|")
+    for name, e in embs.items():
+        comp = getattr(e._session, "compile_s", 0.0)  # noqa: SLF001
+        print(f"| {name} | {statistics.median(tps[name]):,.0f} | {first[name]:.2f} | {comp:.2f} |")
+    print()
+
+
+def profile(texts: list[str]) -> None:
+    import openvino as ov
+    from bge_edge.runtime import Embedder
+
+    print("## 3. Where the time goes (INT8, 1 stream, one warm corpus pass)\n")
+    e = Embedder(prep.MINILM_EDGE_OV, precision="int8", backend="openvino")
+    e.encode(texts, max_length=MAX_LENGTH)
+    sess = e._session  # noqa: SLF001
+    spent = {"infer": 0.0, "tokenise": 0.0}
+    run_many, tokenize = sess.run_many, e._tokenize  # noqa: SLF001
+
+    def timed_run_many(outputs: list[str], feeds: Iterable[dict[str, np.ndarray]]) -> Iterator[list[np.ndarray]]:
+        feeds = list(feeds)  # padding built outside the timed part
+        t = time.perf_counter()
+        out = list(run_many(outputs, feeds))
+        spent["infer"] += time.perf_counter() - t
+        return iter(out)
+
+    def timed_tokenize(*a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        r = tokenize(*a, **k)
+        spent["tokenise"] += time.perf_counter() - t
+        return r
+
+    sess.run_many, e._tokenize = timed_run_many, timed_tokenize  # noqa: SLF001
+    t = time.perf_counter()
+    e.encode(texts, max_length=MAX_LENGTH)
+    total = time.perf_counter() - t
+    s = e.last_stats
+    rest = total - spent["infer"] - spent["tokenise"]
+    print("| part | seconds | share |\n|---|---|---|")
+    for k, v in (("tokenisation (tokenizers, batch)", spent["tokenise"]), ("inference (OpenVINO)", spent["infer"]),
+                 ("the rest: padding, copies, pooling, order", rest), ("total", total)):
+        print(f"| {k} | {v:.3f} | {100 * v / total:.0f}% |")
+    print(f"\n{s.tokens:,} real tokens, {s.padded_tokens:,} computed ({100 * (1 - s.tokens / s.padded_tokens):.1f}% "
+          f"padding), {s.batches} batches\n")
+
+    core = ov.Core()
+    cfg = {"INFERENCE_NUM_THREADS": sess.threads, "PERF_COUNT": True, "INFERENCE_PRECISION_HINT": "f32"}
+    compiled = core.compile_model(str(prep.MINILM_EDGE_OV / "openvino" / "model.int8.xml"), "CPU", cfg)
+    req = compiled.create_infer_request()
+    b, n = 16, 64
+    ids = np.random.default_rng(0).integers(1000, 20000, (b, n))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for _ in range(5):
+        req.infer(feed)
+    by: dict[str, float] = defaultdict(float)
+    for _ in range(20):
+        req.infer(feed)
+        for p in req.profiling_info:
+            by[f"{p.node_type} ({p.exec_type})"] += p.real_time.total_seconds() / 20
+    tot = sum(by.values())
+    print(f"OpenVINO per-op time on a {b}x{n} batch (PERF_COUNT, mean of 20 runs, {1e3 * tot:.2f} ms in all):\n")
+    print("| op (kernel) | ms | share |\n|---|---|---|")
+    for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"| {k} | {1e3 * v:.3f} | {100 * v / tot:.0f}% |")
+    print()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--texts", type=int, default=1000)
+    ap.add_argument("--queries", type=int, default=300)
+    a = ap.parse_args()
+    _ensure_artifacts()
+    import onnxruntime
+    import openvino
+
+    texts, queries = load_corpus(a.texts, a.queries)
+    cpu = cpu_info()
+    print(f"# OpenVINO backend settings: all-MiniLM-L6-v2, {len(texts)} texts, {len(queries)} queries, {a.rounds} "
+          f"interleaved rounds\n\n{cpu['cpu']} ({cpu['logical_cpus']} CPUs; {' '.join(cpu['isa'])}); Python "
+          f"{platform.python_version()}, openvino {openvino.__version__}, "
+          f"onnxruntime {onnxruntime.__version__}, load average {os.getloadavg()[0]:.2f}\n")
+    hints(texts, queries, a.rounds)
+    shapes(texts, a.rounds)
+    profile(texts)
+
+
+if __name__ == "__main__":
+    main()
