@@ -5,10 +5,10 @@ which keeps ``streams`` batches in flight. Choices, measured on all-MiniLM-L6-v2
   - dynamic shapes: batches are already padded to the runtime's few bucket lengths, and the CPU plugin
     keeps what it compiled per shape;
   - one stream with every physical core by default (OpenVINO's LATENCY hint): a batch-1 query is as fast
-    as ONNX Runtime's; ``streams=2`` runs two batches at once on one core each (THROUGHPUT), ~1.2x the
-    corpus throughput at ~2.5x the single-query latency;
+    as ONNX Runtime's; ``streams=2`` runs two batches at once on one core each (THROUGHPUT): on 2 cores
+    it gave no corpus gain (30.0k vs 31.2k tok/s) at 1.3x the query latency (bench/results/openvino.md);
   - execution precision per graph precision (EXECUTION_PRECISION): fp32 and int8 graphs compute their
-    float parts in f32 (static INT8 with bf16 float parts lost up to 0.4 cosine on some texts); fp16
+    float parts in f32 (static INT8 with bf16 float parts dropped single texts to cosine 0.85); fp16
     graphs use the plugin's default, bf16 on CPUs with AVX512-BF16/AMX.
 """
 

@@ -151,6 +151,18 @@ def test_without_openvino_the_runtime_runs_onnx_and_names_the_extra(m3_ov_artifa
     assert "pip install 'bge-edge[openvino]'" in out["error"] and not out["imported"]
 
 
+def test_openvino_backend_imports_openvino_and_nothing_heavy(m3_ov_artifact: Path) -> None:
+    code = ("import sys\n"
+            "from bge_edge.runtime import Embedder\n"
+            f"m = Embedder({str(m3_ov_artifact)!r}, backend='openvino', hash_cache=False)\n"
+            "m.encode(['hello'], return_sparse=True, return_colbert_vecs=True)\n"
+            "print([n for n in ('openvino', 'torch', 'transformers', 'optimum', 'onnx', 'nncf', 'bge_edge.export') "
+            "if n in sys.modules])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['openvino']"
+
+
 @pytest.mark.slow
 def test_openvino_int8_scifact_within_a_point_of_fp32(minilm_artifact: Path, minilm_ov_artifact: Path,
                                                       shared_dir: Path) -> None:
