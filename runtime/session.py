@@ -4,20 +4,38 @@ CPU defaults: intra-op threads = physical cores, no idle spinning (a sidecar mus
 idle), all graph optimisations, the memory arena on and memory patterns off (shapes vary per batch).
 CUDA is used only when asked for (or ``device="auto"`` finds it working), and a session that ONNX
 Runtime silently put on CPU is refused: a user who asked for CUDA never runs on CPU unawares.
+
+On CUDA the session is wrapped in ``BoundSession`` (I/O binding): each batch's two int64 arrays are
+copied host -> device once, and each requested output is bound to host memory, so it comes back with one
+device -> host copy made inside the run (one IOBinding per call: safe from many threads). On the CPU the
+plain ``InferenceSession`` is used (binding would only add calls there). ``bind_io`` applies the wrapper to
+any session, so tests prove on the CPU that it returns exactly what ``run`` does.
+
+Shapes on CUDA: ``batching.bucket_length`` pads every batch to a multiple of 8 tokens up to 128, of 32 up
+to 512, of 128 up to 2,048 and of 512 beyond (never past the max length), so a 256-token model sees at most
+20 sequence lengths and an 8,192-token one 52, whatever the corpus. The row count is not bucketed: it
+follows the batch-size and token budgets. The one exception is a long text (> 512 tokens) on a graph with
+linear attention (the fp32/int8 BGE-M3 exports; the fp16 export has none), which runs alone at its exact
+length. ONNX Runtime's CUDA provider compiles nothing per shape (no TensorRT here); what a new shape costs
+is new blocks in its memory arena (extended by exactly the size requested, ``kSameAsRequested``; memory
+patterns stay off), and with few shapes those blocks are reused.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import numpy as np
 
 from .errors import BackendError, MissingExtraError
 from .manifest import Manifest
 from .ov_session import INSTALL as OPENVINO_INSTALL
 from .ov_session import openvino_installed
 
-__all__ = ["physical_cores", "parse_device", "choose_backend", "build_providers", "create_session"]
+__all__ = ["physical_cores", "parse_device", "choose_backend", "build_providers", "create_session", "bind_io",
+           "BoundSession"]
 
 BACKENDS = ("onnxruntime", "openvino", "auto")
 
@@ -111,8 +129,57 @@ def build_providers(device: str, available: list[str]) -> list[tuple[str, dict[s
     return [cuda, (CPU, {})]
 
 
-def create_session(path: Path, device: str = "cpu", threads: int | None = None, spin: bool = False) -> Any:
-    """An InferenceSession for the graph at ``path`` (already verified by the caller)."""
+class BoundSession:
+    """An InferenceSession whose ``run`` goes through I/O binding (module docstring); same call as ``run``.
+
+    Every call makes its own IOBinding, so one BoundSession serves many threads as an InferenceSession does.
+    Other attributes (``get_inputs``, ``get_session_options``, ...) are the wrapped session's.
+    """
+
+    def __init__(self, sess: Any) -> None:
+        self.sess = sess
+
+    def get_providers(self) -> list[str]:
+        return list(self.sess.get_providers())
+
+    def __getattr__(self, name: str) -> Any:  # only called for names the wrapper lacks
+        if name == "sess":
+            raise AttributeError(name)
+        return getattr(self.sess, name)
+
+    def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray],
+            run_options: Any = None) -> list[np.ndarray]:
+        """Outputs ``output_names`` (all, in graph order, when None) for ``feeds``, as host numpy arrays."""
+        try:
+            names = list(output_names) if output_names else [o.name for o in self.sess.get_outputs()]
+            binding = self.sess.io_binding()
+            for name, arr in feeds.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(arr))  # one host -> device copy each
+            for name in names:
+                binding.bind_output(name, "cpu")  # ORT copies device -> host once, into host memory it allocates
+            self.sess.run_with_iobinding(binding, run_options)
+            outs = binding.copy_outputs_to_cpu()
+        except Exception as e:  # onnxruntime raises its own pybind exception types
+            shapes = {k: tuple(np.shape(v)) for k, v in feeds.items()}
+            raise BackendError(f"ONNX Runtime (I/O binding on {self.get_providers()[0]}) failed on inputs "
+                               f"{shapes}: {str(e).strip()[:400]}") from None
+        if len(outs) != len(names):
+            raise BackendError(f"I/O binding returned {len(outs)} outputs for the {len(names)} asked for "
+                               f"({names}); this is a bug in bge-edge or onnxruntime, please report it.")
+        return list(outs)
+
+
+def bind_io(sess: Any) -> BoundSession:
+    """``sess`` with ``run`` going through I/O binding (what ``create_session`` does on CUDA)."""
+    return sess if isinstance(sess, BoundSession) else BoundSession(sess)
+
+
+def create_session(path: Path, device: str = "cpu", threads: int | None = None, spin: bool = False,
+                   io_binding: bool | None = None) -> Any:
+    """An InferenceSession for the graph at ``path`` (already verified by the caller).
+
+    ``io_binding`` None binds I/O (``BoundSession``) exactly when the session runs on CUDA; True/False force it.
+    """
     import onnxruntime as ort
 
     providers = build_providers(device, ort.get_available_providers())
@@ -135,4 +202,6 @@ def create_session(path: Path, device: str = "cpu", threads: int | None = None, 
         raise BackendError(f"device={device!r} was asked for, but ONNX Runtime could not start CUDA (driver, "
                            f"CUDA/cuDNN libraries or the device are missing) and fell back to "
                            f"{sess.get_providers()}. Fix the CUDA install, or use device='cpu' or 'auto'.")
-    return sess
+    if io_binding is None:
+        io_binding = sess.get_providers()[0] == CUDA
+    return bind_io(sess) if io_binding else sess
