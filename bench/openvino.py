@@ -2,12 +2,12 @@
 
   1. hints and streams: LATENCY with 1 stream (the default) vs THROUGHPUT with 2 streams, per graph precision:
      corpus tokens/s, batch-1 query latency, and the CPU the process burns while idle afterwards;
-  2. shapes: the IR compiled once with dynamic shapes (the default) vs one compile per bucket length with the
-     sequence axis made static ([-1, L]) vs fully static ([B, L]) per batch shape;
+  2. shapes: the IR compiled once with dynamic shapes (the default) vs the runtime's ``shapes="bucket"`` (one
+     compile per bucket length, sequence axis static: [-1, L]) vs fully static per batch shape ([B, L]);
   3. profile of one corpus pass: tokenisation, inference, the rest (padding, copies, heads) and the padding
      share; and OpenVINO's per-op timings (PERF_COUNT) on a typical batch.
 
-    .venv-bench/bin/python -m bench.openvino [--rounds 3] [--texts 1000] [--queries 300]
+    .venv-bench/bin/python -m bench.openvino [--rounds 3] [--texts 1000] [--queries 300] [--sections shapes ...]
 
 Uses the bench's artifacts (bench/.cache/artifacts/minilm-openvino, made by ``python -m bench.prepare
 edge-minilm-ov`` when missing). Corpus: bench/workload.py's mixed-length SciFact texts (8-256 tokens).
@@ -35,6 +35,11 @@ def _cpu_s() -> float:
     with open("/proc/self/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return int(next(x for x in f if x.startswith("VmRSS:")).split()[1]) / 1024
 
 
 def _ensure_artifacts() -> None:
@@ -97,9 +102,10 @@ def hints(texts: list[str], queries: list[str], rounds: int) -> None:
 
 
 class _PerShape:
-    """An OpenVINOSession stand-in compiling the IR once per bucket length ([-1, L]) or per batch shape ([B, L])."""
+    """An OpenVINOSession stand-in compiling the IR once per batch shape ([B, L]), to compare with the runtime's
+    ``shapes="bucket"`` (one plan per bucket length, [-1, L])."""
 
-    def __init__(self, base: Any, xml: str, weights: str, precision: str, full: bool) -> None:
+    def __init__(self, base: Any, xml: str, weights: str, precision: str, full: bool = True) -> None:
         import openvino as ov
         from bge_edge.runtime.ov_session import EXECUTION_PRECISION
 
@@ -132,28 +138,34 @@ def shapes(texts: list[str], rounds: int) -> None:
     print("## 2. Dynamic shapes vs one compile per bucket length / batch shape (INT8, 1 stream)\n")
     xml = str(prep.MINILM_EDGE_OV / "openvino" / "model.int8.xml")
     embs: dict[str, Any] = {}
-    for name, full in (("dynamic [-1, -1] (default)", None), ("per bucket length [-1, L]", False),
-                       ("per batch shape [B, L]", True)):
-        e = Embedder(prep.MINILM_EDGE_OV, precision="int8", backend="openvino")
-        if full is not None:
-            e._session = _PerShape(e._session, xml, xml[:-4] + ".bin", "int8", full)  # noqa: SLF001
+    for name, shapes in (("dynamic [-1, -1] (default)", "dynamic"),
+                         ('per bucket length [-1, L] (shapes="bucket")', "bucket"),
+                         ("per batch shape [B, L] (not in the runtime)", None)):
+        e = Embedder(prep.MINILM_EDGE_OV, precision="int8", backend="openvino", shapes=shapes or "dynamic")
+        if shapes is None:
+            e._session = _PerShape(e._session, xml, xml[:-4] + ".bin", "int8")  # noqa: SLF001
         embs[name] = e
     first: dict[str, float] = {}
-    for name, e in embs.items():  # first pass: includes the per-shape compiles
-        t = time.perf_counter()
+    rss_growth: dict[str, float] = {}
+    for name, e in embs.items():  # first pass: includes the per-shape compiles (and the memory the plans take)
+        r, t = _rss_mb(), time.perf_counter()
         e.encode(texts, max_length=MAX_LENGTH)
         first[name] = time.perf_counter() - t
+        rss_growth[name] = _rss_mb() - r
     tps: dict[str, list[float]] = defaultdict(list)
     for _ in range(rounds):
         for name, e in embs.items():
             tps[name].append(_corpus_tps(e, texts))
     shapes_seen = sorted(set(embs["dynamic [-1, -1] (default)"].last_stats.batch_shapes))
     print(f"{len(shapes_seen)} batch shapes, {len({n for _, n in shapes_seen})} bucket lengths in one pass\n")
-    print("| shapes | corpus tokens/s (warm) | first pass s (compiles included) | compile s |")
-    print("|---|---|---|---|")
+    print("| shapes | corpus tokens/s (warm) | vs dynamic | first pass s (compiles included) | compile s | "
+          "RSS growth MB |")
+    print("|---|---|---|---|---|---|")
+    base = statistics.median(tps["dynamic [-1, -1] (default)"])
     for name, e in embs.items():
         comp = getattr(e._session, "compile_s", 0.0)  # noqa: SLF001
-        print(f"| {name} | {statistics.median(tps[name]):,.0f} | {first[name]:.2f} | {comp:.2f} |")
+        tp = statistics.median(tps[name])
+        print(f"| {name} | {tp:,.0f} | {tp / base:.2f}x | {first[name]:.2f} | {comp:.2f} | {rss_growth[name]:,.0f} |")
     print()
 
 
@@ -221,6 +233,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--texts", type=int, default=1000)
     ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--sections", nargs="+", default=["hints", "shapes", "profile"],
+                    choices=["hints", "shapes", "profile"])
     a = ap.parse_args()
     _ensure_artifacts()
     import onnxruntime
@@ -232,9 +246,12 @@ def main() -> None:
           f"interleaved rounds\n\n{cpu['cpu']} ({cpu['logical_cpus']} CPUs; {' '.join(cpu['isa'])}); Python "
           f"{platform.python_version()}, openvino {openvino.__version__}, "
           f"onnxruntime {onnxruntime.__version__}, load average {os.getloadavg()[0]:.2f}\n")
-    hints(texts, queries, a.rounds)
-    shapes(texts, a.rounds)
-    profile(texts)
+    if "hints" in a.sections:
+        hints(texts, queries, a.rounds)
+    if "shapes" in a.sections:
+        shapes(texts, a.rounds)
+    if "profile" in a.sections:
+        profile(texts)
 
 
 if __name__ == "__main__":

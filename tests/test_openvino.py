@@ -97,6 +97,28 @@ def test_openvino_streams_and_threads_give_the_serial_results(m3_ov_artifact: Pa
         np.testing.assert_allclose(got, serial["dense_vecs"][k::3], atol=1e-5)
 
 
+def test_openvino_bucket_shapes_give_the_dynamic_results(m3_ov_artifact: Path) -> None:
+    from bge_edge.runtime.ov_session import STATIC_UP_TO
+
+    texts = [f"{t} {k}" for k in range(6) for t in TEXTS] + ["long " * 700]  # > STATIC_UP_TO tokens: dynamic plan
+    heads = {"return_sparse": True, "return_colbert_vecs": True, "batch_size": 8}
+    dyn = Embedder(m3_ov_artifact, precision="fp32", backend="openvino", hash_cache=False)
+    bkt = Embedder(m3_ov_artifact, precision="fp32", backend="openvino", hash_cache=False, shapes="bucket",
+                   streams=2)
+    want, got = dyn.encode(texts, **heads), bkt.encode(texts, **heads)
+    lengths = {n for _, n in bkt.last_stats.batch_shapes}
+    plans = bkt._session._plans  # noqa: SLF001
+    assert set(plans) == {0} | {n for n in lengths if n <= STATIC_UP_TO} and max(lengths) > STATIC_UP_TO
+    assert bkt._session.compile_s > 0 and "plan per bucket length" in bkt.providers[0]  # noqa: SLF001
+    np.testing.assert_allclose(got["dense_vecs"], want["dense_vecs"], atol=1e-5)
+    for a, b in zip(got["colbert_vecs"], want["colbert_vecs"]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert [set(d) for d in got["lexical_weights"]] == [set(d) for d in want["lexical_weights"]]
+    again = bkt.encode(texts, **heads)  # warm: no new plan
+    assert set(bkt._session._plans) == set(plans)  # noqa: SLF001
+    np.testing.assert_array_equal(again["dense_vecs"], got["dense_vecs"])
+
+
 def test_openvino_refuses_bad_requests_clearly(m3_ov_artifact: Path, m3_artifact: Path) -> None:
     with pytest.raises(BackendError, match="backend='onnxruntime'"):
         Embedder(m3_ov_artifact, backend="openvino", device="cuda", hash_cache=False)
@@ -104,6 +126,10 @@ def test_openvino_refuses_bad_requests_clearly(m3_ov_artifact: Path, m3_artifact
         Embedder(m3_artifact, precision="fp32", backend="openvino", hash_cache=False)
     with pytest.raises(InputError, match="OpenVINO backend only"):
         Embedder(m3_ov_artifact, backend="onnxruntime", streams=2, hash_cache=False)
+    with pytest.raises(InputError, match="OpenVINO backend only"):
+        Embedder(m3_ov_artifact, backend="onnxruntime", shapes="bucket", hash_cache=False)
+    with pytest.raises(InputError, match=r"shapes must be one of \['dynamic', 'bucket'\]"):
+        Embedder(m3_ov_artifact, backend="openvino", shapes="static", hash_cache=False)
     with pytest.raises(BackendError, match="not known"):
         Embedder(m3_ov_artifact, backend="tensorrt", hash_cache=False)
 
