@@ -2,7 +2,7 @@
 
     bash bench/setup_peers.sh                         # once: .venv-bench with the peers (the [bench] extra)
     .venv-bench/bin/python -m bench --quick           # development check, < 3 minutes
-    .venv-bench/bin/python -m bench                   # full: 3 interleaved rounds
+    .venv-bench/bin/python -m bench                   # full: 3 interleaved rounds, with full-shape BGE-M3
     .venv-bench/bin/python -m bench --accuracy        # also SciFact nDCG@10 per system (slow; cached in bench/.cache)
 
 Every system runs in its own fresh process (``bench/systems.py``), interleaved A B C ... A B C over the rounds;
@@ -45,6 +45,7 @@ class System:
     needs: tuple[str, ...] = ()  # prepare steps
     fp32_ref: str | None = None  # the same system's FP32 (cosine reference)
     accuracy: bool = True  # run SciFact for it under --accuracy (twins with identical outputs are skipped)
+    long: bool = False  # also time one long document per --long-lengths (BGE-M3 group)
     notes: list[str] = field(default_factory=list)
 
 
@@ -61,14 +62,20 @@ def systems() -> list[System]:
                 "edge", {"artifact": m_edge, "precision": prec, "sort": sort, "max_length": L}, prec,
                 ("edge-minilm",), None if prec == "fp32" else "minilm/edge-fp32", accuracy=sort))
     m_ov = str(prep.MINILM_EDGE_OV)
-    for prec, streams in (("int8", 1), ("int8", 2), ("fp16", 1), ("fp32", 1)):
-        key = f"edge-ov-{prec}" + ("" if streams == 1 else f"-{streams}streams")
+    for prec, streams, shapes in (("int8", 1, "dynamic"), ("int8", 2, "dynamic"), ("int8", 1, "bucket"),
+                                  ("fp16", 1, "dynamic"), ("fp32", 1, "dynamic")):
+        key = f"edge-ov-{prec}" + ("" if streams == 1 else f"-{streams}streams") + \
+            ("" if shapes == "dynamic" else f"-{shapes}")
         what = {"int8": "INT8", "fp16": "FP16 (OV default precision)", "fp32": "FP32 (f32 execution)"}[prec]
+        what += "" if streams == 1 else f", {streams} streams"
+        what += "" if shapes == "dynamic" else ', shapes="bucket", warm (after one untimed corpus pass)'
+        params = {"artifact": m_ov, "precision": prec, "backend": "openvino", "streams": streams, "max_length": L}
+        if shapes != "dynamic":
+            params.update(shapes=shapes, warm_corpus=True)
         out.append(System(
-            f"minilm/{key}", f"bge-edge OpenVINO {what}" + ("" if streams == 1 else f", {streams} streams"), "minilm",
-            "edge", {"artifact": m_ov, "precision": prec, "backend": "openvino", "streams": streams, "max_length": L},
+            f"minilm/{key}", f"bge-edge OpenVINO {what}", "minilm", "edge", params,
             prec, ("edge-minilm", "edge-minilm-ov"), None if prec == "fp32" else "minilm/edge-fp32",
-            accuracy=streams == 1))
+            accuracy=streams == 1 and shapes == "dynamic"))
     out += [
         System("minilm/ort-naive-int8", "plain onnxruntime, same INT8 graph (input order, batch 32)", "minilm",
                "naive", {"graph": m_edge + "/model.int8.onnx", "tokenizer": m_edge + "/tokenizer.json",
@@ -101,11 +108,55 @@ def systems() -> list[System]:
     out.append(System("bge-small-random/st-torch-fp32", "sentence-transformers torch FP32", "bge-small-random", "st",
                       {"model": str(prep.BGE_SMALL_SRC), "backend": "torch", "max_length": L}, "fp32",
                       ("src-bge-small",), None, accuracy=False))
+    m3, m3_src = str(prep.M3_EDGE), str(prep.M3_SRC)
+    m3_needs = ("src-m3", "edge-m3")
+    for prec in ("int8", "fp32"):
+        for heads in ("dense", "all"):
+            what = "dense" if heads == "dense" else "dense + sparse + ColBERT"
+            out.append(System(f"{M3}/edge-{prec}" + ("" if heads == "dense" else "-all"),
+                              f"bge-edge ORT {prec.upper()}, {what}", M3, "edge",
+                              {"artifact": m3, "precision": prec, "sort": True, "max_length": L, "heads": heads},
+                              prec, m3_needs, None if prec == "fp32" else f"{M3}/edge-fp32", accuracy=False,
+                              long=heads == "all"))
+    out += [System(f"{M3}/flag-fp32" + ("" if heads == "dense" else "-all"),
+                   "FlagEmbedding BGEM3FlagModel FP32, " + ("dense" if heads == "dense" else
+                                                            "dense + sparse + ColBERT"),
+                   M3, "flag", {"model": m3_src, "max_length": L, "heads": heads}, "fp32", ("src-m3",),
+                   None, accuracy=False, long=heads == "all") for heads in ("dense", "all")]
+    out.append(System(f"{M3}/st-torch-fp32", "sentence-transformers torch FP32 (dense)", M3, "st",
+                      {"model": m3_src, "backend": "torch", "max_length": L}, "fp32", ("src-m3",), None,
+                      accuracy=False))
     return out
 
 
+M3 = "bge-m3-random"
 GROUP_TOKENIZER = {"minilm": prep.MINILM_EDGE / "tokenizer.json",
-                   "bge-small-random": prep.BGE_SMALL_EDGE / "tokenizer.json"}
+                   "bge-small-random": prep.BGE_SMALL_EDGE / "tokenizer.json", M3: prep.M3_EDGE / "tokenizer.json"}
+# Groups on slower models run on the first 1/k of the corpus and of the latency queries (at least 10 of each):
+# full-shape BGE-M3 costs ~30x MiniLM per token (INT8), FlagEmbedding ~80x.
+GROUP_SHARE = {M3: 10}
+LONG_LENGTHS = (512, 2048, 8192)
+
+
+def group_limit(group: str, n_texts: int, n_queries: int) -> tuple[int, int]:
+    k = GROUP_SHARE.get(group, 1)
+    return (n_texts, n_queries) if k == 1 else (max(10, n_texts // k), max(10, n_queries // k))
+
+
+def long_document(n_tokens: int) -> str:
+    """SciFact abstracts joined until the BGE-M3 tokenizer counts over ``n_tokens`` (each system cuts it there)."""
+    from tokenizers import Tokenizer
+
+    from bench.retrieval import load_task
+
+    tok = Tokenizer.from_file(str(GROUP_TOKENIZER[M3]))
+    docs, parts, have = load_task(SCIFACT).docs, [], 0
+    for d in docs:
+        parts.append(d)
+        have += len(tok.encode(d, add_special_tokens=False).ids)
+        if have > n_tokens + 64:
+            break
+    return "\n\n".join(parts)
 
 
 def worker_env() -> dict[str, str]:
@@ -195,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, help="batch-1 latency queries (default 300, quick 30)")
     ap.add_argument("--idle", type=float, help="seconds of idle-CPU measurement (default 3, quick 0.5)")
     ap.add_argument("--systems", nargs="*", default=["*"], help="glob(s) over system names, e.g. 'minilm/*'")
+    ap.add_argument("--m3", action=argparse.BooleanOptionalAction, default=None,
+                    help=f"the full-shape random BGE-M3 group ({M3}/*; default: on in the full mode, off with "
+                         "--quick); the first run builds and exports it (~10 min, ~16 GB RAM)")
+    ap.add_argument("--long-lengths", type=int, nargs="*", default=None, metavar="TOKENS",
+                    help=f"BGE-M3 long-document lengths (default {' '.join(map(str, LONG_LENGTHS))}; none with "
+                         "--quick)")
     ap.add_argument("--list", action="store_true", help="list the systems and exit")
     ap.add_argument("--report", type=Path, metavar="JSON", help="re-write the .md and .png of a saved record and exit")
     a = ap.parse_args(argv)
@@ -208,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     n_texts = a.texts or (100 if a.quick else 1000)
     n_queries = a.queries or (30 if a.quick else 300)
     idle_s = a.idle if a.idle is not None else (0.5 if a.quick else 3.0)
-    chosen = [s for s in systems() if any(fnmatch.fnmatch(s.name, g) for g in a.systems)]
+    with_m3 = (not a.quick) if a.m3 is None else a.m3
+    long_lengths = list(a.long_lengths if a.long_lengths is not None else ([] if a.quick else LONG_LENGTHS))
+    chosen = [s for s in systems() if any(fnmatch.fnmatch(s.name, g) for g in a.systems)
+              and (with_m3 or s.group != M3)]
     if a.list:
         for s in chosen:
             print(f"{s.name:34s} {s.label}")
@@ -241,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     (work / "queries.json").write_text(json.dumps(queries))
     from bench.workload import token_counts
 
-    tokens = {g: token_counts(p, corpus) for g, p in GROUP_TOKENIZER.items()
+    limits = {g: group_limit(g, n_texts, n_queries) for g in GROUP_TOKENIZER}
+    tokens = {g: token_counts(p, corpus[: limits[g][0]]) for g, p in GROUP_TOKENIZER.items()
               if p.is_file() and any(s.group == g for s in runnable)}
 
     runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in runnable}
@@ -252,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             emb = work / f"emb-{s.name.replace('/', '-')}.npy"
             spec = {"task": "speed", "kind": s.kind, "params": s.params, "corpus": str(work / "corpus.json"),
                     "queries": str(work / "queries.json"), "idle_s": idle_s,
-                    "save_embeddings": str(emb) if r == 0 else None}
+                    "save_embeddings": str(emb) if r == 0 else None,
+                    "limit": limits[s.group] if limits[s.group] != (n_texts, n_queries) else None}
             rec = run_worker(spec, work / "spec.json")
             rec["round"] = r
             runs[s.name].append(rec)
@@ -263,6 +325,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  round {r + 1} {s.name:32s} {ntok / rec['corpus_s']:9,.0f} tok/s  "
                       f"p50 {median(rec['latency_ms']):6.2f} ms  start {rec['startup_s']:5.2f} s  "
                       f"rss {rec['peak_rss_mb']:6.0f} MB  idle {rec['idle_cpu_pct']:4.1f} %", flush=True)
+
+    longdoc: dict[str, list[dict[str, Any]]] = {}
+    long_systems = [s for s in runnable if s.long and runs[s.name] and "error" not in runs[s.name][0]]
+    if long_lengths and long_systems:
+        doc = work / "longdoc.txt"
+        doc.write_text(long_document(max(long_lengths)), encoding="utf-8")
+        for n in long_lengths:  # one fresh process per (system, length), lengths outermost
+            for s in long_systems:
+                rec = run_worker({"task": "longdoc", "kind": s.kind, "params": s.params, "doc": str(doc),
+                                  "length": n}, work / "spec.json")
+                longdoc.setdefault(s.name, []).append(rec)
+                print(f"  long {n:6d} tokens {s.name:32s} " + (f"FAILED {rec['error'][:200]}" if "error" in rec else
+                      f"{rec['seconds']:7.2f} s  peak RSS {rec['peak_rss_mb']:6.0f} MB"), flush=True)
 
     accuracy: dict[str, Any] = {}
     if a.accuracy:
@@ -279,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - t_run, "rounds": rounds, "n_texts": n_texts, "n_queries": n_queries,
         "idle_s": idle_s, "max_length": MAX_LENGTH, "mteb_scifact": MTEB_SCIFACT_MINILM, "prepare": status,
         "prepare_log": log, "skipped": skipped, "tokens": tokens,
+        "group_texts": {g: limits[g][0] for g in tokens}, "longdoc": longdoc,
         "systems": [{"name": s.name, "label": s.label, "group": s.group, "kind": s.kind, "precision": s.precision,
                      "fp32_ref": s.fp32_ref, "params": s.params, "needs": list(s.needs)} for s in chosen],
         "runs": runs, "accuracy": accuracy,

