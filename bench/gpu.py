@@ -43,7 +43,6 @@ from typing import Any, Callable
 from bench.workload import CACHE, MAX_LENGTH, RESULTS
 
 ART = CACHE / "artifacts"
-M3_SRC = CACHE / "src" / "full-bge-m3"
 PRECISIONS = ("fp32", "fp16")
 MODELS = ("minilm", "bge-small", "m3")
 DEFAULT_MODELS = ("minilm", "bge-small")
@@ -77,11 +76,10 @@ def _prepare_bge_small() -> Path:
 
 
 def _prepare_m3() -> Path:
-    from bge_edge.export import FULL_M3, build_random_model
+    from bench.prepare import M3_SRC, step_src_m3
 
     out = ART / "full-m3-gpu"
-    if not (out / "manifest.json").is_file() and not (M3_SRC / "config.json").is_file():
-        build_random_model(M3_SRC, FULL_M3, seed=0)
+    step_src_m3()  # the same full-shape random BGE-M3 as python -m bench uses
     _export(M3_SRC, out, min_int8_cosine=0.0)
     return out
 

