@@ -55,7 +55,7 @@ def ort_profile(artifact: Path, texts: list[str]) -> None:
     kernel = sum(by.values())
     model_run = sum(e["dur"] for e in runs[-emb.last_stats.batches:]) / 1e6 if runs else float("nan")
     print(f"ONNX Runtime profile, INT8, one warm pass of {len(texts)} texts: wall {wall:.2f} s, model_run "
-          f"{model_run:.2f} s (all batches; the warm-up included), kernels {kernel:.2f} s\n")
+          f"{model_run:.2f} s (this pass), kernel time {kernel:.2f} s (summed over ops, warm-up batch included)\n")
     print("| op type | s | share of kernel time |\n|---|---|---|")
     for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:10]:
         print(f"| {k} | {v:.3f} | {100 * v / kernel:.0f}% |")
