@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--streams", type=int, default=1, help="OpenVINO: batches computing at once (throughput)")
     c.add_argument("--shapes", default="dynamic", choices=["dynamic", "bucket"],
-                   help="OpenVINO: 'bucket' compiles a plan per bucket length (~0.45 s each; pays off on large inputs)")
+                   help="OpenVINO: 'bucket' compiles a plan per bucket length (~0.5 s, ~95 MB each; for large inputs)")
     c.add_argument("--batch-size", type=int, default=256)
     c.add_argument("--max-length", type=int, default=None)
     c.add_argument("--no-dense", action="store_true")

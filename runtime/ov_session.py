@@ -3,7 +3,7 @@
 Same calling convention as an ONNX Runtime session (``run(output_names, feeds)``), plus ``run_many``,
 which keeps ``streams`` batches in flight. Choices, measured on all-MiniLM-L6-v2 (bench/openvino.py):
   - dynamic shapes by default: one compile, one set of weights; ``shapes="bucket"`` adds a plan per bucket
-    length (1.10x once warm, ~0.45 s of compile per length: for long-running processes);
+    length (1.09-1.10x once warm, ~0.5 s of compile and ~95 MB per length on MiniLM: long-running processes);
   - one stream with every physical core by default (OpenVINO's LATENCY hint): a batch-1 query is as fast
     as ONNX Runtime's; ``streams=2`` runs two batches at once on one core each (THROUGHPUT): on 2 cores
     it gave no corpus gain (30.0k vs 31.2k tok/s) at 1.3x the query latency (bench/results/openvino.md);
@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from .batching import LINEAR_ATTENTION_FROM
 from .errors import BackendError, MissingExtraError
 
 __all__ = ["EXECUTION_PRECISION", "SHAPES", "STATIC_UP_TO", "openvino_installed", "OpenVINOSession"]
@@ -30,8 +31,9 @@ __all__ = ["EXECUTION_PRECISION", "SHAPES", "STATIC_UP_TO", "openvino_installed"
 # graph precision -> INFERENCE_PRECISION_HINT for the float parts (None: the CPU plugin's default)
 EXECUTION_PRECISION: dict[str, str | None] = {"fp32": "f32", "fp16": None, "int8": "f32"}
 INSTALL = "pip install 'bge-edge[openvino]'"
-# shapes="bucket" fixes the length of batches padded up to this many tokens (longer ones run the dynamic plan)
-STATIC_UP_TO = 512
+# shapes="bucket" fixes the length of batches padded up to this many tokens; longer texts run alone at their
+# exact length on linear-attention graphs (batching.py), so they keep the dynamic plan
+STATIC_UP_TO = LINEAR_ATTENTION_FROM
 
 
 def openvino_installed() -> bool:
@@ -46,16 +48,14 @@ class OpenVINOSession:
     """An OpenVINO CompiledModel on the CPU with a pool of infer requests; safe to use from many threads.
 
     ``shapes="bucket"`` also compiles, on first use, one plan per padded length up to ``STATIC_UP_TO`` tokens
-    with that length fixed ([-1, L]; the runtime pads every batch to a few bucket lengths): 1.10x the
-    corpus throughput once warm on MiniLM INT8 (AMD Zen 4 and Intel Sapphire Rapids alike), at ~0.45 s of
-    compile per new length and its own working memory per plan (bench/openvino.py). For long-running
-    processes; longer inputs (a BGE-M3 document's exact length) keep the dynamic plan.
+    with that length fixed ([-1, L]; the runtime pads every batch to a few bucket lengths): 1.09x the corpus
+    throughput once warm on MiniLM INT8 on AMD Zen 4, 1.10x on Intel Sapphire Rapids, at ~0.5 s of compile and
+    ~95 MB of memory per new length (bench/results/openvino.md). For long-running processes; longer inputs (a
+    BGE-M3 document's exact length) keep the dynamic plan. ``shapes`` is checked by the Embedder.
     """
 
     def __init__(self, xml: Path, weights: Path, precision: str, threads: int, streams: int = 1,
                  shapes: str = "dynamic") -> None:
-        if shapes not in SHAPES:
-            raise BackendError(f"shapes={shapes!r} is not known; use one of {list(SHAPES)}.")
         try:
             import openvino as ov
         except ImportError:
@@ -65,7 +65,6 @@ class OpenVINOSession:
                                "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT"}
         if EXECUTION_PRECISION[precision]:
             cfg["INFERENCE_PRECISION_HINT"] = EXECUTION_PRECISION[precision]
-        self._xml = xml
         try:
             self._core = ov.Core()
             self._model = self._core.read_model(str(xml), str(weights))
