@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     n_texts = a.texts or (100 if a.quick else 1000)
     n_queries = a.queries or (30 if a.quick else 300)
     idle_s = a.idle if a.idle is not None else (0.5 if a.quick else 3.0)
+    if a.long_lengths and min(a.long_lengths) < 2:
+        ap.error(f"--long-lengths must be token counts >= 2, got {a.long_lengths}")
     with_m3 = (not a.quick) if a.m3 is None else a.m3
     long_lengths = list(a.long_lengths if a.long_lengths is not None else ([] if a.quick else LONG_LENGTHS))
     chosen = [s for s in systems() if any(fnmatch.fnmatch(s.name, g) for g in a.systems)
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - t_run, "rounds": rounds, "n_texts": n_texts, "n_queries": n_queries,
         "idle_s": idle_s, "max_length": MAX_LENGTH, "mteb_scifact": MTEB_SCIFACT_MINILM, "prepare": status,
         "prepare_log": log, "skipped": skipped, "tokens": tokens,
-        "group_texts": {g: limits[g][0] for g in tokens}, "longdoc": longdoc,
+        "group_limits": {g: list(limits[g]) for g in tokens}, "longdoc": longdoc,
         "systems": [{"name": s.name, "label": s.label, "group": s.group, "kind": s.kind, "precision": s.precision,
                      "fp32_ref": s.fp32_ref, "params": s.params, "needs": list(s.needs)} for s in chosen],
         "runs": runs, "accuracy": accuracy,

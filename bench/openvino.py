@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from bench import prepare as prep
+from bench.systems import rss_mb
 from bench.workload import MAX_LENGTH, cpu_info, load_corpus
 
 
@@ -36,11 +37,6 @@ def _cpu_s() -> float:
     with open("/proc/self/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return int(next(x for x in f if x.startswith("VmRSS:")).split()[1]) / 1024
 
 
 def _ensure_artifacts() -> None:
@@ -149,10 +145,10 @@ def shapes(texts: list[str], rounds: int) -> None:
     first: dict[str, float] = {}
     rss_growth: dict[str, float] = {}
     for name, e in embs.items():  # first pass: includes the per-shape compiles (and the memory the plans take)
-        r, t = _rss_mb(), time.perf_counter()
+        r, t = rss_mb(), time.perf_counter()
         e.encode(texts, max_length=MAX_LENGTH)
         first[name] = time.perf_counter() - t
-        rss_growth[name] = _rss_mb() - r
+        rss_growth[name] = rss_mb() - r
     tps: dict[str, list[float]] = defaultdict(list)
     for _ in range(rounds):
         for name, e in embs.items():

@@ -95,12 +95,17 @@ def step_src_bge_small() -> str:
     return "built (random weights, CLS pooling)"
 
 
-def step_edge_bge_small() -> str:
+def _export_random(src: Path, out: Path) -> None:
+    """fp32 + int8 export of a random-weights model (no INT8 accuracy bar: its outputs carry no meaning)."""
     from bge_edge.export import export_model
 
-    if not (BGE_SMALL_EDGE / "manifest.json").is_file():
-        export_model(BGE_SMALL_SRC, BGE_SMALL_EDGE, ["fp32", "int8"], force=True, min_int8_cosine=0.0)
-    _warm_hash_cache(BGE_SMALL_EDGE)
+    if not (out / "manifest.json").is_file():
+        export_model(src, out, ["fp32", "int8"], force=True, min_int8_cosine=0.0)
+    _warm_hash_cache(out)
+
+
+def step_edge_bge_small() -> str:
+    _export_random(BGE_SMALL_SRC, BGE_SMALL_EDGE)
     return "exported"
 
 
@@ -117,11 +122,7 @@ def step_src_m3() -> str:
 
 
 def step_edge_m3() -> str:
-    from bge_edge.export import export_model
-
-    if not (M3_EDGE / "manifest.json").is_file():
-        export_model(M3_SRC, M3_EDGE, ["fp32", "int8"], force=True, min_int8_cosine=0.0)
-    _warm_hash_cache(M3_EDGE)
+    _export_random(M3_SRC, M3_EDGE)
     return "exported (fp32 + int8, all three heads)"
 
 

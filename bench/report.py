@@ -69,6 +69,14 @@ def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def _limits(rec: dict[str, Any], group: str) -> tuple[int, int]:
+    """(texts, queries) the group ran on: the whole corpus unless the run limited it (``group_limits``)."""
+    lim = rec.get("group_limits", {}).get(group)
+    if lim:
+        return int(lim[0]), int(lim[1])
+    return int(rec.get("group_texts", {}).get(group, rec["n_texts"])), int(rec["n_queries"])
+
+
 def summarize(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per system: medians over the rounds that succeeded (and the per-round values for ratios)."""
     out: dict[str, dict[str, Any]] = {}
@@ -81,8 +89,7 @@ def summarize(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[s["name"]] = {
             "tok_s": _med(list(per_round.values())), "tok_s_rounds": per_round,
             "tok_s_min": min(per_round.values()), "tok_s_max": max(per_round.values()),
-            "passages_s": _med([rec.get("group_texts", {}).get(s["group"], rec["n_texts"]) / r["corpus_s"]
-                                for r in runs]),
+            "passages_s": _med([_limits(rec, s["group"])[0] / r["corpus_s"] for r in runs]),
             "p50_ms": _med([_pct(r["latency_ms"], 50) for r in runs]),
             "p99_ms": _med([_pct(r["latency_ms"], 99) for r in runs]),
             "startup_s": _med([r["startup_s"] for r in runs]),
@@ -171,11 +178,10 @@ def markdown(rec: dict[str, Any], chart: Path | None) -> str:
         if not rows:
             continue
         L += [f"## {title}", ""]
-        n_group = rec.get("group_texts", {}).get(group, rec["n_texts"])
+        n_group, q_group = _limits(rec, group)
         if n_group != rec["n_texts"]:
             L += [f"On the first {n_group} texts of the corpus ({sum(rec['tokens'][group]):,} real tokens of this "
-                  f"model's tokenizer) and the first {max(10, rec['n_queries'] * n_group // rec['n_texts'])} latency "
-                  f"queries.", ""]
+                  f"model's tokenizer) and the first {q_group} latency queries.", ""]
         hdr = ["system", "threads", "batching", "passages/s", "tokens/s (min-max)", "p50 ms", "p99 ms",
                "start-up s", "process s", "peak RSS MB", "idle CPU %", "cos own FP32 mean/min",
                "cos ST torch mean/min"]

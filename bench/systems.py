@@ -40,10 +40,19 @@ def cpu_seconds() -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return int(next(x for x in f if x.startswith(key + ":")).split()[1]) / 1024
+
+
 def peak_rss_mb() -> float:
     """This worker's own peak RSS (VmHWM); ru_maxrss would start at the parent's RSS, inherited at fork."""
-    with open("/proc/self/status") as f:
-        return int(next(x for x in f if x.startswith("VmHWM:")).split()[1]) / 1024
+    return _status_mb("VmHWM")
+
+
+def rss_mb() -> float:
+    """This process's RSS now (VmRSS)."""
+    return _status_mb("VmRSS")
 
 
 # ---- loaders: each returns (encode(list of texts) -> (n, H) float32 L2-normalised, info) ---------------------
@@ -236,16 +245,11 @@ def task_scifact(spec: dict[str, Any], t_import: float) -> dict[str, Any]:
     return {"encode_s": dt, "info": info, "peak_rss_mb": peak_rss_mb()}
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return int(next(x for x in f if x.startswith("VmRSS:")).split()[1]) / 1024
-
-
 def task_longdoc(spec: dict[str, Any], t_import: float) -> dict[str, Any]:
     text = open(spec["doc"], encoding="utf-8").read()
     encode, info = LOADERS[spec["kind"]](dict(spec["params"], max_length=int(spec["length"])))
     encode(["a short warm-up text"])
-    rss_before = _rss_mb()
+    rss_before = rss_mb()
     t = time.perf_counter()
     encode([text])
     return {"length": int(spec["length"]), "seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(),
