@@ -160,13 +160,17 @@ def markdown(rec: dict[str, Any], chart: Path | None) -> str:
     env = m.get("env", {})
     if env:
         L.append("- **Environment** (left as found): " + ", ".join(f"{k}={val}" for k, val in sorted(env.items())))
-    toks = rec["tokens"].get("minilm") or next(iter(rec["tokens"].values()), [])
+    toks = rec["tokens"].get("minilm")  # the per-group sections give the other groups' token counts
     if toks:
         st = sorted(toks)
         L.append(f"- **Corpus**: {rec['n_texts']} SciFact texts in input order (queries, whole abstracts, abstract "
                  f"prefixes), {sum(toks):,} real MiniLM tokens, length min/median/p90/max "
                  f"{st[0]}/{st[len(st) // 2]}/{st[int(len(st) * 0.9)]}/{st[-1]} (truncated at {rec['max_length']}); "
                  f"latency: {rec['n_queries']} SciFact queries one at a time (batch 1)")
+    else:
+        L.append(f"- **Corpus**: {rec['n_texts']} SciFact texts in input order (queries, whole abstracts, abstract "
+                 f"prefixes; token counts in each group's section); latency: {rec['n_queries']} SciFact queries "
+                 f"one at a time (batch 1)")
     L.append(f"- **Method**: each system in a fresh process per round, {rec['rounds']} interleaved rounds, medians; "
              f"warm-up of one 32-text batch before the corpus; idle CPU over {rec['idle_s']:g} s right after the "
              f"corpus; start-up = import of the library + load + first embedding, in process (bge-edge: artifact "
