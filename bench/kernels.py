@@ -527,7 +527,7 @@ def main() -> None:
         record["sections"]["e"] = rec
         print_sweep(rec)
     if "d" in args.only:
-        rec = bench_scifact(50 if args.quick else 300, 10 if args.quick else 20, [50, 100, 200])
+        rec = bench_scifact(50 if args.quick else 300, 10 if args.quick else 20, [50, 100, 200, 400])
         record["sections"]["d"] = rec
         goals += print_scifact(rec)
     record["machine"]["load_avg_end"] = os.getloadavg()

@@ -294,6 +294,10 @@ class _MaxSim:
         if docs.dtype == np.float32 and rows is None:
             return docs[s:s + count]  # a view
         x = self.staging[:count]
+        if rows is not None and docs.dtype == np.float32:
+            # straight into staging; mode="clip" because "raise" buffers the output (a second copy) and the
+            # rows were range-checked with the candidates
+            return np.take(docs, rows, axis=0, out=x, mode="clip")
         src = docs[s:s + count] if rows is None else docs[rows]  # gathered rows: a (count, H) copy
         if self.f16:
             u = x.view(np.int32)
