@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.report import dense_cosine
 from bench.workload import CACHE, MAX_LENGTH, RESULTS
 
 ART = CACHE / "artifacts"
@@ -218,9 +219,7 @@ def measure_model(model: str, art: Path, device: str, texts: list[str], queries:
             "p50_ms": _pct(lat[name], 50), "p99_ms": _pct(lat[name], 99), "queries": len(lat[name]),
         }
         if "fp32" in dense and name != "fp32":
-            a, b = dense["fp32"].astype(np.float64), dense[name].astype(np.float64)
-            cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # (n,)
-            row["cos_mean"], row["cos_min"] = float(cos.mean()), float(cos.min())
+            row["cos_mean"], row["cos_min"] = dense_cosine(dense["fp32"], dense[name])
         rows.append(row)
     return rows
 

@@ -72,9 +72,16 @@ def _med(xs: list[float]) -> float:
 def _limits(rec: dict[str, Any], group: str) -> tuple[int, int]:
     """(texts, queries) the group ran on: the whole corpus unless the run limited it (``group_limits``)."""
     lim = rec.get("group_limits", {}).get(group)
-    if lim:
-        return int(lim[0]), int(lim[1])
-    return int(rec.get("group_texts", {}).get(group, rec["n_texts"])), int(rec["n_queries"])
+    return (int(lim[0]), int(lim[1])) if lim else (int(rec["n_texts"]), int(rec["n_queries"]))
+
+
+def dense_cosine(a: Any, b: Any) -> tuple[float, float]:
+    """(mean, min) cosine between matching rows of two (n, dim) embedding matrices, computed in float64."""
+    import numpy as np
+
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    cos = np.einsum("ij,ij->i", x, y) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))  # (n,)
+    return float(cos.mean()), float(cos.min())
 
 
 def summarize(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -122,8 +129,7 @@ def cosines(rec: dict[str, Any], work: Path) -> dict[str, dict[str, float]]:
         for key, ref in refs.items():
             b = emb(ref) if ref and ref != s["name"] else None
             if b is not None and b.shape == a.shape:
-                cos = np.einsum("ij,ij->i", a, b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-                row[f"{key}_mean"], row[f"{key}_min"] = float(cos.mean()), float(cos.min())
+                row[f"{key}_mean"], row[f"{key}_min"] = dense_cosine(a, b)
         out[s["name"]] = row
     return out
 

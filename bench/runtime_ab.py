@@ -22,6 +22,8 @@ import statistics
 import time
 from pathlib import Path
 
+from bench.workload import MAX_LENGTH
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,9 +47,9 @@ def ort_profile(artifact: Path, texts: list[str]) -> None:
     so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
     sess = ort.InferenceSession(str(artifact / emb.graph.file), so, providers=["CPUExecutionProvider"])
     emb._session = sess  # noqa: SLF001
-    emb.encode(texts[:64], max_length=256)
+    emb.encode(texts[:64], max_length=MAX_LENGTH)
     t = time.perf_counter()
-    emb.encode(texts, max_length=256)
+    emb.encode(texts, max_length=MAX_LENGTH)
     wall = time.perf_counter() - t
     events = json.loads(Path(sess.end_profiling()).read_text())
     by: dict[str, float] = defaultdict(float)
@@ -65,9 +67,12 @@ def ort_profile(artifact: Path, texts: list[str]) -> None:
 
 
 def _int8_variants(out: Path) -> dict[str, Path]:
-    """INT8 graphs of MiniLM that keep attention in fp32, built once into ``out`` (the [export] extra)."""
+    """INT8 graphs of MiniLM that keep attention in fp32, built once into ``out`` (the [export] extra).
+
+    Same fusion and quantiser as the export (export/graph.py), with other fusion options, and every
+    Attention node kept fp32 (there is none once attention is unfused or MultiHeadAttention).
+    """
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -94,10 +99,9 @@ def _int8_variants(out: Path) -> dict[str, Path]:
         if not any(o.domain == "com.microsoft" for o in m.model.opset_import):
             m.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
         fp32 = out / f"{key}.fp32.onnx"
-        onnx.save(m.model, str(fp32))
-        quantize_dynamic(str(fp32), str(paths[label]), op_types_to_quantize=["MatMul", "Gather"], per_channel=True,
-                         weight_type=QuantType.QInt8,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True})
+        graph.save(m.model, fp32)
+        attention = [n.name for n in m.model.graph.node if n.op_type == "Attention"]
+        graph.quantize_int8(fp32, paths[label], keep_fp32=attention, quantize_embeddings=True)
         fp32.unlink()
     traced.unlink()
     return paths
@@ -105,10 +109,10 @@ def _int8_variants(out: Path) -> dict[str, Path]:
 
 def int8_graphs(artifact: Path, texts: list[str], queries: list[str], rounds: int) -> None:
     """The shipped INT8 graph vs INT8 graphs that keep attention fp32: corpus tokens/s, query p50, cosine to fp32."""
-    import numpy as np
     import onnxruntime as ort
     from bge_edge.runtime import Embedder
 
+    from bench.report import dense_cosine
     from bench.workload import CACHE
 
     graphs = {"shipped: int8 QAttention + int8 MatMuls": artifact / "model.int8.onnx",
@@ -116,20 +120,18 @@ def int8_graphs(artifact: Path, texts: list[str], queries: list[str], rounds: in
     emb = Embedder(artifact, precision="int8", backend="onnxruntime")
     so = emb._session.get_session_options()  # noqa: SLF001  (same settings for every graph)
     sessions = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for k, p in graphs.items()}
-    ref = Embedder(artifact, precision="fp32", backend="onnxruntime").encode(texts, max_length=256)["dense_vecs"]
+    ref = Embedder(artifact, precision="fp32", backend="onnxruntime").encode(texts, max_length=MAX_LENGTH)["dense_vecs"]
     cos: dict[str, tuple[float, float]] = {}
     tps: dict[str, list[float]] = {k: [] for k in sessions}
     p50: dict[str, list[float]] = {k: [] for k in sessions}
     for k, s in sessions.items():
         emb._session = s  # noqa: SLF001
-        d = emb.encode(texts, max_length=256)["dense_vecs"]  # also the warm-up
-        c = (d * ref).sum(1) / np.linalg.norm(d, axis=1) / np.linalg.norm(ref, axis=1)
-        cos[k] = (float(c.mean()), float(c.min()))
+        cos[k] = dense_cosine(emb.encode(texts, max_length=MAX_LENGTH)["dense_vecs"], ref)  # also the warm-up
     for _ in range(rounds):
         for k, s in sessions.items():
             emb._session = s  # noqa: SLF001
             t = time.perf_counter()
-            emb.encode(texts, max_length=256)
+            emb.encode(texts, max_length=MAX_LENGTH)
             tps[k].append(emb.last_stats.tokens / (time.perf_counter() - t))
             lat = []
             for q in queries[:150]:
@@ -178,7 +180,7 @@ def main() -> None:
           f"{onnxruntime.__version__}, load average {os.getloadavg()[0]:.2f}; {a.rounds} interleaved rounds\n")
 
     emb = Embedder(a.artifact, precision="int8")
-    emb.encode(texts[:64], max_length=256)
+    emb.encode(texts[:64], max_length=MAX_LENGTH)
     full = batching.FULL_BATCH_TOKENS
     tps: dict[str, list[float]] = {}
     padding: dict[str, float] = {}
@@ -186,7 +188,7 @@ def main() -> None:
         for name, value in (("no bucket-boundary cut", 10**12), (f"cut at {full} tokens (default)", full)):
             batching.FULL_BATCH_TOKENS = value  # read by plan_batches at call time
             t = time.perf_counter()
-            emb.encode(texts, max_length=256)
+            emb.encode(texts, max_length=MAX_LENGTH)
             dt = time.perf_counter() - t
             s = emb.last_stats
             tps.setdefault(name, []).append(s.tokens / dt)
