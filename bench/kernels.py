@@ -495,11 +495,58 @@ def print_scifact(rec: dict[str, Any]) -> list[list[str]]:
     return goals
 
 
+def bench_gather(repeat: int, n_tokens: int, candidates: list[int]) -> dict[str, Any]:
+    """Two-stage search's gather step, float32: candidate rows copied into the staging block then multiplied,
+    as kernels/maxsim.py does; ``docs[rows]`` + copy (the earlier code) vs ``np.take(out=, mode="clip")`` (now).
+
+    SciFact-shaped random storage (``n_tokens`` x 384, ~239 tokens per document, 22-token query); the same
+    candidate sets for both forms, interleaved ``repeat`` times, medians.
+    """
+    rng = np.random.default_rng(0)
+    h, q_tokens, doc_len = 384, 22, 239
+    docs = rng.standard_normal((n_tokens, h), dtype=np.float32)
+    n_docs = n_tokens // doc_len
+    q = rng.standard_normal((q_tokens, h), dtype=np.float32)
+    block = max(64, 2**20 // (4 * h))  # maxsim's STAGING_BYTES block
+    staging = np.empty((block, h), np.float32)
+
+    def run(form: str, rows: np.ndarray, out: np.ndarray) -> float:
+        t = time.perf_counter()
+        for a in range(0, rows.shape[0], block):
+            r = rows[a:a + block]
+            x = staging[:r.shape[0]]
+            if form == "index":
+                np.copyto(x, docs[r])
+            else:
+                np.take(docs, r, axis=0, out=x, mode="clip")
+            np.matmul(x, q.T, out=out[a:a + r.shape[0]])
+        return time.perf_counter() - t
+
+    rows_by_c = {c: (np.sort(rng.choice(n_docs, c, replace=False))[:, None] * doc_len
+                     + np.arange(doc_len)).reshape(-1) for c in candidates}
+    times: dict[str, list[float]] = {f"{f} C={c}": [] for c in candidates for f in ("index", "take")}
+    for _ in range(repeat):
+        for c, rows in rows_by_c.items():
+            out = np.empty((rows.shape[0], q_tokens), np.float32)
+            for form in ("index", "take"):
+                times[f"{form} C={c}"].append(run(form, rows, out))
+    return {"n_tokens": n_tokens, "repeat": repeat,
+            "ms": {k: 1e3 * float(np.median(v)) for k, v in times.items()}, "candidates": candidates}
+
+
+def print_gather(rec: dict[str, Any]) -> None:
+    rows = [[c, f"{rec['ms'][f'index C={c}']:.2f}", f"{rec['ms'][f'take C={c}']:.2f}",
+             f"{rec['ms'][f'index C={c}'] / rec['ms'][f'take C={c}']:.2f}x"] for c in rec["candidates"]]
+    table(f"(g) candidate gather + product, float32, {rec['n_tokens']:,} stored tokens x 384, 22-token query, "
+          f"median of {rec['repeat']} interleaved runs",
+          ["candidates", "docs[rows] + copy ms", "np.take(out=, clip) ms", "speed-up"], rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="10x fewer documents, 50 SciFact queries")
-    ap.add_argument("--only", default="abd", help="sections to run, any of a, b, d, e (default abd; "
-                    "e = design alternatives sweep)")
+    ap.add_argument("--only", default="abd", help="sections to run, any of a, b, d, e, g (default abd; "
+                    "e = design alternatives sweep, g = candidate-row gather A/B)")
     ap.add_argument("--repeat", type=int, default=None, help="timed runs per row (best is kept)")
     ap.add_argument("--json", type=Path, default=None, help="record path (default bench/results/kernels-*.json)")
     args = ap.parse_args()
@@ -526,6 +573,10 @@ def main() -> None:
         rec = bench_sweep(repeat, 64 if args.quick else 256)
         record["sections"]["e"] = rec
         print_sweep(rec)
+    if "g" in args.only:
+        rec = bench_gather(30 if not args.quick else 5, 1_237_068 // scale, [50, 100, 200, 400])
+        record["sections"]["g"] = rec
+        print_gather(rec)
     if "d" in args.only:
         rec = bench_scifact(50 if args.quick else 300, 10 if args.quick else 20, [50, 100, 200, 400])
         record["sections"]["d"] = rec
