@@ -35,6 +35,8 @@ from typing import Any, Callable
 import numpy as np
 from bge_edge.kernels import PackedIndex, maxsim, quantize_int8, topk
 
+from bench.retrieval import SCIFACT, checked
+
 ROOT = Path(__file__).resolve().parent
 Q_TOKENS, DOC_TOKENS, N_QUERIES_BATCH = 32, 128, 16
 GEN_ROWS = 65536  # documents are generated and converted in steps of this many rows (bounded temporaries)
@@ -251,13 +253,12 @@ def goals_synthetic(rec: dict[str, Any]) -> list[list[str]]:
 # ---- (d) SciFact with the real all-MiniLM-L6-v2 ----------------------------------------------------
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-SHARED = ROOT.parents[1] / "shared"  # main/ and shared/ side by side, as in CI
-SCIFACT = (SHARED if SHARED.is_dir() else Path(os.environ.get("BGE_EDGE_SHARED", "/work/shared"))) / "data" / "scifact"
 MAX_LENGTH = 256  # sentence_bert_config.json max_seq_length of all-MiniLM-L6-v2
 
 
 def load_scifact(folder: Path) -> tuple[list[str], list[str]]:
     """SciFact corpus texts ((title + " " + text).strip(), MTEB protocol) and the 300 test queries."""
+    folder = checked(folder)
     with gzip.open(folder / "corpus.jsonl.gz", "rt", encoding="utf-8") as f:
         corpus = [json.loads(line) for line in f if line.strip()]
     with open(folder / "queries.jsonl", encoding="utf-8") as f:
@@ -386,6 +387,7 @@ def print_sweep(rec: dict[str, Any]) -> None:
 
 def scifact_ids() -> tuple[list[str], list[str], dict[str, dict[str, int]]]:
     """Doc ids, query ids (file order, as encoded) and qrels {query id: {doc id: grade}}."""
+    checked(SCIFACT)
     with gzip.open(SCIFACT / "corpus.jsonl.gz", "rt", encoding="utf-8") as f:
         doc_ids = [json.loads(line)["_id"] for line in f if line.strip()]
     with open(SCIFACT / "queries.jsonl", encoding="utf-8") as f:

@@ -35,7 +35,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.workload import CACHE, MAX_LENGTH, SHARED
+from bench.retrieval import XQUAD_EN, checked
+from bench.workload import CACHE, MAX_LENGTH
 
 ART = CACHE / "artifacts"
 MINILM_EDGE = ART / "minilm"
@@ -167,7 +168,7 @@ def step_st_openvino() -> str:
 
 def calibration_texts(n: int = 300) -> list[str]:
     """XQuAD English contexts and questions (not SciFact, which is the evaluation set)."""
-    folder = SHARED / "data" / "xquad" / "en"
+    folder = checked(XQUAD_EN)
     texts: list[str] = []
     for name in ("queries.jsonl", "corpus.jsonl"):
         for line in (folder / name).read_text(encoding="utf-8").splitlines():

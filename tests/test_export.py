@@ -84,10 +84,10 @@ def test_minilm_export_uses_mean_pooling_and_meets_accuracy_bars(minilm_artifact
 
 
 @pytest.mark.slow
-def test_minilm_int8_and_fp16_agree_with_fp32_on_real_text(minilm_artifact: Path, shared_dir: Path) -> None:
+def test_minilm_int8_and_fp16_agree_with_fp32_on_real_text(minilm_artifact: Path, scifact_dir: Path) -> None:
     import gzip
 
-    with gzip.open(shared_dir / "data" / "scifact" / "corpus.jsonl.gz", "rt") as f:
+    with gzip.open(scifact_dir / "corpus.jsonl.gz", "rt") as f:
         docs = [json.loads(next(f)) for _ in range(200)]
     texts = [(d["title"] + " " + d["text"]).strip() for d in docs]
     ref = Embedder(minilm_artifact, precision="fp32", hash_cache=False).encode(texts)["dense_vecs"]

@@ -191,10 +191,10 @@ def test_openvino_backend_imports_openvino_and_nothing_heavy(m3_ov_artifact: Pat
 
 @pytest.mark.slow
 def test_openvino_int8_scifact_within_a_point_of_fp32(minilm_artifact: Path, minilm_ov_artifact: Path,
-                                                      shared_dir: Path) -> None:
+                                                      scifact_dir: Path) -> None:
     from bench.retrieval import load_task, ndcg_at_k, rank
 
-    task = load_task(shared_dir / "data" / "scifact")
+    task = load_task(scifact_dir)
     scores = {}
     for name, art, backend, precision in (("onnx fp32", minilm_artifact, "onnxruntime", "fp32"),
                                           ("openvino int8", minilm_ov_artifact, "openvino", "int8")):

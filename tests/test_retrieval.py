@@ -14,8 +14,8 @@ MTEB_SCIFACT_MINILM_L6 = 64.51  # published MTEB nDCG@10 of sentence-transformer
 
 
 @pytest.mark.slow
-def test_scifact_ndcg_reproduces_mteb_and_int8_stays_within_a_point(minilm_artifact: Path, shared_dir: Path) -> None:
-    task = load_task(shared_dir / "data" / "scifact")
+def test_scifact_ndcg_reproduces_mteb_and_int8_stays_within_a_point(minilm_artifact: Path, scifact_dir: Path) -> None:
+    task = load_task(scifact_dir)
     assert len(task.docs) == 5183 and len(task.queries) == 300
     scores = {}
     for precision in ("fp32", "int8"):
@@ -26,3 +26,19 @@ def test_scifact_ndcg_reproduces_mteb_and_int8_stays_within_a_point(minilm_artif
     print(f"SciFact nDCG@10: fp32 {scores['fp32']:.2f}, int8 {scores['int8']:.2f} (MTEB {MTEB_SCIFACT_MINILM_L6})")
     assert abs(scores["fp32"] - MTEB_SCIFACT_MINILM_L6) <= 0.5
     assert abs(scores["int8"] - scores["fp32"]) <= 1.0
+
+
+def test_evaluation_data_ships_with_the_repo_and_a_changed_file_fails_loudly(tmp_path: Path) -> None:
+    import shutil
+
+    from bench.retrieval import SCIFACT, XQUAD_EN, checked
+
+    repo = Path(__file__).resolve().parents[1]
+    for folder in (SCIFACT, XQUAD_EN):
+        assert folder.resolve().is_relative_to(repo) and checked(folder) == folder
+    copy = tmp_path / "scifact"
+    shutil.copytree(SCIFACT, copy)
+    with open(copy / "qrels.tsv", "a") as f:
+        f.write("extra\tline\t1\n")
+    with pytest.raises(ValueError, match=r"qrels.tsv: SHA-256 [0-9a-f]{64} != [0-9a-f]{64}.*git checkout"):
+        load_task(copy)
