@@ -22,7 +22,8 @@ def _export(a: argparse.Namespace) -> int:
     from bge_edge.export import export_model
 
     export_model(a.model, a.out, a.precision, kind=a.kind, force=a.force, min_int8_cosine=a.min_int8_cosine,
-                 query_instruction=a.query_instruction, max_length=a.max_length, formats=a.format)
+                 query_instruction=a.query_instruction, max_length=a.max_length, formats=a.format,
+                 model_id=a.model_id)
     return 0
 
 
@@ -36,8 +37,9 @@ def _read_texts(path: str, jsonl: bool) -> list[str]:
             raise BgeEdgeError(f"cannot read --input {path}: {e}") from None
     lines = raw.splitlines()
     if not jsonl:
+        _refuse_empty([(k, t) for k, t in enumerate(lines, 1)])
         return lines
-    texts = []
+    texts, numbered = [], []
     for k, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -49,15 +51,38 @@ def _read_texts(path: str, jsonl: bool) -> list[str]:
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise BgeEdgeError(f"--input line {k} has no string field \"text\".")
         texts.append(obj["text"])
+        numbered.append((k, obj["text"]))
+    _refuse_empty(numbered)
     return texts
+
+
+def _refuse_empty(numbered: list[tuple[int, str]]) -> None:
+    """Empty texts are refused, as the server refuses them (400): an empty line is almost always a mistake."""
+    empty = [k for k, t in numbered if not t]
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        raise BgeEdgeError(f"--input line(s) {shown} hold an empty text; every text needs at least one character "
+                           f"(the server refuses them too). Drop them first, e.g. grep -v '^$'.")
 
 
 def _encode(a: argparse.Namespace) -> int:
     from bge_edge.runtime import Embedder
 
     texts = _read_texts(a.input, a.jsonl)
+    if a.batch_size < 1:
+        raise BgeEdgeError(f"--batch-size must be a positive integer, got {a.batch_size}.")
+    if a.max_length is not None and a.max_length < 2:
+        raise BgeEdgeError(f"--max-length must be an integer >= 2 (tokens), got {a.max_length}.")
+    if a.no_dense and not (a.sparse or a.colbert):
+        raise BgeEdgeError("--no-dense leaves nothing to output; add --sparse and/or --colbert (BGE-M3).")
     model = Embedder(a.artifact, precision=a.precision, backend=a.backend, device=a.device, threads=a.threads,
                      streams=a.streams, shapes=a.shapes)
+    missing = [flag for flag, head in (("--sparse", "sparse"), ("--colbert", "colbert"))
+               if getattr(a, head) and head not in model.manifest.heads]
+    if missing:
+        raise BgeEdgeError(f"{' and '.join(missing)} need(s) a BGE-M3 artifact; {a.artifact} "
+                           f"({model.manifest.source.get('model_id')}, kind {model.manifest.kind!r}) has only the "
+                           f"{list(model.manifest.heads)} head(s). Drop {' '.join(missing)}.")
     encode = model.encode_queries if a.queries else model.encode
     out = sys.stdout
     t0, done, tokens, truncated = time.perf_counter(), 0, 0, 0
@@ -68,13 +93,14 @@ def _encode(a: argparse.Namespace) -> int:
         tokens += model.last_stats.tokens
         truncated += model.last_stats.truncated
         for k in range(len(chunk)):
+            # FlagEmbedding's vocabulary, as in Python and the server: dense_vecs, lexical_weights, colbert_vecs
             rec: dict[str, Any] = {"index": start + k}
             if res["dense_vecs"] is not None:
-                rec["dense"] = [round(float(x), 7) for x in res["dense_vecs"][k]]
+                rec["dense_vecs"] = [round(float(x), 7) for x in res["dense_vecs"][k]]
             if res["lexical_weights"] is not None:
-                rec["sparse"] = {t: round(float(w), 7) for t, w in res["lexical_weights"][k].items()}
+                rec["lexical_weights"] = {t: round(float(w), 7) for t, w in res["lexical_weights"][k].items()}
             if res["colbert_vecs"] is not None:
-                rec["colbert"] = [[round(float(x), 7) for x in row] for row in res["colbert_vecs"][k]]
+                rec["colbert_vecs"] = [[round(float(x), 7) for x in row] for row in res["colbert_vecs"][k]]
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
         done += len(chunk)
         if len(texts) > PROGRESS_EVERY:
@@ -176,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse INT8 whose mean dense cosine to FP32 is below this (0 for random-weight models)")
     e.add_argument("--query-instruction", default=None, help="override the query instruction recorded")
     e.add_argument("--max-length", type=int, default=None, help="override the model's max length")
+    e.add_argument("--model-id", default=None,
+                   help="the name the artifact carries (manifest, /v1/models, logs); default: the hub id, or what "
+                        "the folder says (HF cache path, model card, config.json _name_or_path)")
     e.set_defaults(func=_export)
 
     c = sub.add_parser("encode", help="encode texts (one per line) to JSON lines")

@@ -106,13 +106,14 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str],
                  precisions: Sequence[str] = ("fp32", "int8"),
                  *, kind: str = "auto", force: bool = False, min_int8_cosine: float = check.MIN_INT8_COSINE,
                  query_instruction: str | None = None, max_length: int | None = None, quiet: bool = False,
-                 formats: Sequence[str] = ("onnx",), stream: Any = None,
+                 formats: Sequence[str] = ("onnx",), model_id: str | None = None, stream: Any = None,
                  _after_step: Callable[[str], None] | None = None) -> Manifest:
     """Export ``model`` (local folder or hub id) to the artifact folder ``out``; return its manifest.
 
     ``precisions`` is any of fp32, int8, fp16; ``formats`` any of onnx, openvino (each format gets each
     precision). INT8 whose mean dense cosine to FP32 on the calibration set is below ``min_int8_cosine``
-    is refused (pass 0 for random-weight benchmark models).
+    is refused (pass 0 for random-weight benchmark models). ``model_id`` names the source in the manifest
+    (default: the hub id, or what the folder says it is: ``source.local_model_id``).
     """
     precisions = tuple(dict.fromkeys(precisions))
     bad = [p for p in precisions if p not in PRECISIONS]
@@ -142,7 +143,7 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str],
     log = _Progress(stream or sys.stderr, quiet)
     note = _after_step or (lambda step: None)
     t0 = time.perf_counter()
-    path, model_id, revision = resolve_model(str(model))
+    path, model_id, revision = resolve_model(str(model), model_id)
     src = inspect_model(path, model_id, revision, kind=kind, query_instruction=query_instruction,
                         max_length=max_length)
     log.say(f"exporting {model_id} as kind={src.kind} heads={list(src.heads)} pooling={src.pooling} "
@@ -351,6 +352,9 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
         log.say(f"int8 vs fp32: {acc}")
         if acc["dense_cosine_mean"] >= min_cos:
             break
+        if not keep and down:
+            log.say(f"int8 mean dense cosine {acc['dense_cosine_mean']} < {min_cos}: retrying with the "
+                    f"{len(down)} FFN down-projections (where activation outliers live) in fp32")
     else:
         for f in [i8, *(tmp / e for e in extra)]:
             f.unlink(missing_ok=True)

@@ -40,14 +40,59 @@ class SourceModel:
     query_instruction: str
 
 
-def resolve_model(model: str) -> tuple[Path, str, str | None]:
-    """A local folder as is, or a hub id downloaded with huggingface_hub; returns (path, id, revision)."""
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+GENERIC_FOLDER_NAMES = frozenset({"model", "models", "snapshot", "checkpoint", "weights", "hf", "src", "source"})
+
+
+def local_model_id(path: Path) -> tuple[str, str | None]:
+    """(model id, revision) for a local folder: what the manifest, /v1/models and logs will call it.
+
+    In order: a Hugging Face cache folder (``models--ORG--NAME/snapshots/REV``) gives ORG/NAME at REV; the model
+    card (README.md) gives the hub id it uses for its own ``# title`` (``sentence-transformers/all-MiniLM-L6-v2``);
+    config.json ``_name_or_path`` when it is a hub id; else the folder name, or its parent's when the name is
+    generic (``model``). ``_name_or_path`` comes after the card because fine-tuned models often carry their base
+    model's id there (all-MiniLM-L6-v2 says ``nreimers/MiniLM-L6-H384-uncased``).
+    """
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        org_name = path.parent.parent.name[len("models--"):].split("--", 1)
+        if len(org_name) == 2:
+            rev = path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else None
+            return "/".join(org_name), rev
+    card = path / "README.md"
+    if card.is_file():
+        text = card.read_text(encoding="utf-8", errors="replace")
+        title = re.search(r"^# +([\w.-]+) *$", text, flags=re.M)
+        if title:
+            named = re.search(r"[\"'(/\s]([A-Za-z0-9][\w.-]*/" + re.escape(title.group(1)) + r")[\"')\s]", text)
+            if named:
+                return named.group(1), None
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            name = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        if isinstance(name, str) and _HUB_ID.fullmatch(name) and not Path(name).exists():
+            return name, None
+    if path.name.lower() in GENERIC_FOLDER_NAMES and path.parent.name:
+        return path.parent.name, None
+    return path.name, None
+
+
+def resolve_model(model: str, model_id: str | None = None) -> tuple[Path, str, str | None]:
+    """A local folder as is, or a hub id downloaded with huggingface_hub; returns (path, id, revision).
+
+    ``model_id`` (``--model-id``) overrides the id that would be derived (see ``local_model_id``).
+    """
+    if model_id is not None and not model_id.strip():
+        raise SourceError("--model-id is empty; pass the name the artifact should carry, e.g. BAAI/bge-m3.")
     p = Path(model).expanduser()
     if p.exists():
         if not p.is_dir():
             raise SourceError(f"{model!r} is a file, not a model folder; pass a folder in Hugging Face layout "
                               f"(config.json, weights, tokenizer.json).")
-        return p.resolve(), p.resolve().name, None
+        derived, revision = local_model_id(p.resolve())
+        return p.resolve(), model_id or derived, revision
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise SourceError(f"model folder {model!r} does not exist. Pass a local folder in Hugging Face layout, "
                           f"or a hub id such as BAAI/bge-m3.")
@@ -63,7 +108,7 @@ def resolve_model(model: str) -> tuple[Path, str, str | None]:
         raise SourceError(f"could not download {model!r} from the Hugging Face hub ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else 'no detail'}). Offline, download the model "
                           f"elsewhere and pass its local folder instead.") from None
-    return local, model, local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else None
+    return local, model_id or model, local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -141,7 +186,10 @@ def inspect_model(path: Path, model_id: str, revision: str | None = None, kind: 
     from tokenizers import Tokenizer
 
     if not (path / "config.json").is_file():
-        raise SourceError(f"{path} has no config.json: not a Hugging Face model folder.")
+        inner = sorted(d for d in path.iterdir() if (d / "config.json").is_file()) if path.is_dir() else []
+        hint = f" Did you mean {inner[0]}?" if len(inner) == 1 else \
+            f" These subfolders are model folders: {[d.name for d in inner]}." if inner else ""
+        raise SourceError(f"{path} has no config.json: not a Hugging Face model folder.{hint}")
     config = _read_json(path / "config.json")
     model_type = str(config.get("model_type", ""))
     if model_type not in ("xlm-roberta", "bert"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -193,12 +194,50 @@ def test_interrupted_export_removes_its_temporary_folder(tiny_bert_dir: Path, tm
     assert list(tmp_path.iterdir()) == []
 
 
-def test_int8_below_the_accuracy_bar_is_refused(tiny_bert_dir: Path, tmp_path: Path) -> None:
+def test_int8_below_the_accuracy_bar_is_refused_after_a_retry_that_says_why(tiny_bert_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    import io
+
     from bge_edge.export import ExportError, export_model
 
+    log = io.StringIO()
     with pytest.raises(ExportError, match="under the threshold"):
-        export_model(tiny_bert_dir, tmp_path / "out", ["int8"], min_int8_cosine=1.01, quiet=True)
+        export_model(tiny_bert_dir, tmp_path / "out", ["int8"], min_int8_cosine=1.01, stream=log)
     assert list(tmp_path.iterdir()) == []
+    assert re.search(r"int8 mean dense cosine [01]\.\d+ < 1\.01: retrying with the \d+ FFN down-projections "
+                     r"\(where activation outliers live\) in fp32", log.getvalue()), log.getvalue()
+
+
+def test_a_package_folder_points_at_the_model_folder_inside_it(minilm_dir: Path) -> None:
+    from bge_edge.export import SourceError
+    from bge_edge.export.source import inspect_model
+
+    with pytest.raises(SourceError, match=f"no config.json.*Did you mean {re.escape(str(minilm_dir))}\\?"):
+        inspect_model(minilm_dir.parent, "x")
+
+
+def test_model_id_comes_from_the_source_never_the_bare_folder_name(minilm_dir: Path, minilm_artifact: Path,
+                                                                   tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from bge_edge.export.source import local_model_id, resolve_model
+
+    # the model card's own hub id, not the folder name "model" nor config.json's base model (nreimers/...)
+    assert local_model_id(minilm_dir) == ("sentence-transformers/all-MiniLM-L6-v2", None)
+    assert read_manifest(minilm_artifact).source["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    # a Hugging Face cache folder names its repository and revision
+    rev = "a" * 40
+    snap = tmp_path / "models--BAAI--bge-m3" / "snapshots" / rev
+    shutil.copytree(tiny_bert_dir, snap)
+    assert local_model_id(snap) == ("BAAI/bge-m3", rev)
+    # config.json _name_or_path when it is a hub id; a generic folder name falls back to its parent's
+    named = tmp_path / "named" / "model"
+    shutil.copytree(tiny_bert_dir, named)
+    cfg = json.loads((named / "config.json").read_text())
+    (named / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "BAAI/bge-small-en-v1.5"}))
+    assert local_model_id(named) == ("BAAI/bge-small-en-v1.5", None)
+    (named / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "/home/me/checkpoints/run3"}))
+    assert local_model_id(named) == ("named", None)
+    # --model-id overrides all of it
+    assert resolve_model(str(named), "acme/bge-small-finetuned")[1] == "acme/bge-small-finetuned"
 
 
 def test_hub_id_offline_says_to_pass_a_local_folder(tmp_path: Path) -> None:
