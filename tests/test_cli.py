@@ -18,17 +18,37 @@ def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[st
                           text=True, timeout=300)
 
 
-def test_encode_reads_stdin_and_writes_json_lines(m3_artifact: Path) -> None:
-    r = _cli("encode", str(m3_artifact), "--precision", "fp32", "--sparse", "--colbert", stdin="hello world\n\n模型\n")
+def test_encode_reads_stdin_and_writes_json_lines_in_flagembedding_vocabulary(m3_artifact: Path) -> None:
+    r = _cli("encode", str(m3_artifact), "--precision", "fp32", "--sparse", "--colbert", stdin="hello world\n \n模型\n")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["index"] for row in rows] == [0, 1, 2]
+    assert all(set(row) == {"index", "dense_vecs", "lexical_weights", "colbert_vecs"} for row in rows)
     ref = Embedder(m3_artifact, precision="fp32", hash_cache=False).encode(
-        ["hello world", "", "模型"], return_sparse=True, return_colbert_vecs=True)
+        ["hello world", " ", "模型"], return_sparse=True, return_colbert_vecs=True)
     for k, row in enumerate(rows):
-        assert np.abs(np.array(row["dense"]) - ref["dense_vecs"][k]).max() < 1e-6
-        assert set(row["sparse"]) == set(ref["lexical_weights"][k])
-        assert np.array(row["colbert"]).shape == ref["colbert_vecs"][k].shape
+        assert np.abs(np.array(row["dense_vecs"]) - ref["dense_vecs"][k]).max() < 1e-6
+        assert set(row["lexical_weights"]) == set(ref["lexical_weights"][k])
+        assert np.array(row["colbert_vecs"]).shape == ref["colbert_vecs"][k].shape
+
+
+def test_encode_refuses_empty_lines_as_the_server_does(bert_artifact: Path, tmp_path: Path) -> None:
+    r = _cli("encode", str(bert_artifact), stdin="first\n\nthird\n\n")
+    assert r.returncode == 2 and r.stdout == ""
+    assert "line(s) 2, 4 hold an empty text" in r.stderr and "Traceback" not in r.stderr
+    f = tmp_path / "in.jsonl"
+    f.write_text('{"text": "a"}\n\n{"text": ""}\n')
+    r = _cli("encode", str(bert_artifact), "--input", str(f), "--jsonl")
+    assert r.returncode == 2 and "line(s) 3 hold an empty text" in r.stderr
+
+
+def test_encode_errors_name_the_cli_flags_not_python_arguments(bert_artifact: Path) -> None:
+    for args, flag in ((["--sparse"], "--sparse"), (["--colbert"], "--colbert"),
+                       (["--max-length", "1"], "--max-length"), (["--batch-size", "0"], "--batch-size"),
+                       (["--no-dense"], "--no-dense")):
+        r = _cli("encode", str(bert_artifact), *args, stdin="x\n")
+        assert r.returncode == 2 and flag in r.stderr, (args, r.stderr)
+        assert "return_" not in r.stderr and "max_length" not in r.stderr and "batch_size" not in r.stderr
 
 
 def test_encode_reads_jsonl_files_and_reports_progress(bert_artifact: Path, tmp_path: Path) -> None:

@@ -413,7 +413,7 @@ def _check_smoke(stdout: str, art: Path) -> None:
     try:
         hidden = json.loads((art / "manifest.json").read_text(encoding="utf-8"))["hidden_size"]
         recs = [json.loads(ln) for ln in stdout.splitlines() if ln.strip()]
-        vec = recs[0]["dense"]
+        vec = recs[0]["dense_vecs"]
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise BundleInstallError(f"smoke test: bge-edge encode printed no dense vector ({e}).") from None
     norm = math.sqrt(sum(x * x for x in vec))
