@@ -51,12 +51,17 @@ class Embedder:
     for long-running processes).
     Every file the embedder reads is checked against the manifest's size and SHA-256 before any session exists;
     ``hash_cache`` (True: the user cache dir, False: re-hash every time, or a folder) keeps that cheap.
+    ``query_max_length`` / ``passage_max_length`` are FlagEmbedding's constructor arguments: the default
+    ``max_length`` of ``encode_queries`` (and of ``compute_score``'s queries) and of ``encode``/``encode_corpus``
+    (and passages). None means the model's own length (8,192 for BGE-M3); FlagEmbedding's default is 512 for both,
+    so code ported from it passes 512 to get the same numbers.
     """
 
     def __init__(self, artifact_dir: str | os.PathLike[str], precision: str | None = None,
                  backend: str = "auto", device: str = "cpu", threads: int | None = None,
                  hash_cache: bool | str | os.PathLike[str] = True, spin: bool = False,
-                 max_memory_mb: int | None = None, streams: int = 1, shapes: str = "dynamic") -> None:
+                 max_memory_mb: int | None = None, streams: int = 1, shapes: str = "dynamic",
+                 query_max_length: int | None = None, passage_max_length: int | None = None) -> None:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise InputError(f"threads must be a positive integer or None (physical cores), got {threads!r}.")
         if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
@@ -111,6 +116,8 @@ class Embedder:
         self._pad_id = int(sp.get("pad") or 0)
         self._unused = [v for k in ("cls", "eos", "pad", "unk") if (v := sp.get(k)) is not None]
         self.max_length = self.manifest.max_length
+        self.query_max_length = self._check_max_length(query_max_length, "query_max_length")
+        self.passage_max_length = self._check_max_length(passage_max_length, "passage_max_length")
         self.last_stats = EncodeStats()
         self._stats_lock = threading.Lock()
 
@@ -122,13 +129,13 @@ class Embedder:
         """Encode ``texts``: ``{"dense_vecs", "lexical_weights", "colbert_vecs"}`` (None where not asked for).
 
         A single string gives unwrapped values (``(H,)`` array, one dict, one array); a list gives an
-        ``(n, H)`` array and lists. Inputs longer than ``max_length`` tokens are truncated and counted
-        in ``self.last_stats.truncated``.
+        ``(n, H)`` array and lists. Inputs longer than ``max_length`` tokens (default ``passage_max_length``,
+        as in FlagEmbedding) are truncated and counted in ``self.last_stats.truncated``.
         """
         single = isinstance(texts, str)
         items = self._check_texts(texts)
         self._check_heads(return_sparse, return_colbert_vecs)
-        max_length = self._check_max_length(max_length)
+        max_length = self.passage_max_length if max_length is None else self._check_max_length(max_length)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
@@ -182,25 +189,28 @@ class Embedder:
         return {"dense_vecs": dense, "lexical_weights": sparse if return_sparse else None,
                 "colbert_vecs": colbert if return_colbert_vecs else None}
 
-    def encode_queries(self, queries: Texts, **kwargs: Any) -> dict[str, Any]:
-        """``encode`` with the manifest's query instruction prepended (bge v1.5 English/Chinese; none for M3)."""
+    def encode_queries(self, queries: Texts, max_length: int | None = None, **kwargs: Any) -> dict[str, Any]:
+        """``encode`` with the manifest's query instruction prepended (bge v1.5 English/Chinese; none for M3),
+        truncated at ``query_max_length`` unless ``max_length`` is given."""
         instr = self.manifest.query_instruction
         if instr:
             items = self._check_texts(queries)
             queries = instr + queries if isinstance(queries, str) else [instr + q for q in items]
-        return self.encode(queries, **kwargs)
+        return self.encode(queries, max_length=self.query_max_length if max_length is None else max_length, **kwargs)
 
     def encode_corpus(self, corpus: Texts, **kwargs: Any) -> dict[str, Any]:
         """``encode`` for passages (no instruction)."""
         return self.encode(corpus, **kwargs)
 
     def compute_score(self, sentence_pairs: Sequence[tuple[str, str]] | tuple[str, str], batch_size: int = 256,
-                      max_query_length: int = 512, max_passage_length: int = 8192,
+                      max_query_length: int | None = None, max_passage_length: int | None = None,
                       weights_for_different_modes: Sequence[float] | None = None) -> dict[str, Any]:
         """FlagEmbedding's ``compute_score``: dense, sparse, colbert and weighted combinations per pair.
 
         Keys ``dense``, ``sparse``, ``colbert``, ``sparse+dense``, ``colbert+sparse+dense`` for M3
-        artifacts (``dense`` only for dense artifacts); one pair gives floats, a list gives lists.
+        artifacts (``dense`` only for dense artifacts); one pair gives floats, a list gives lists. Queries and
+        passages are truncated at ``max_query_length`` / ``max_passage_length`` (default: the constructor's
+        ``query_max_length`` / ``passage_max_length``). No query instruction is added, as in FlagEmbedding.
         """
         from bge_edge.kernels import colbert_score, combine_scores, lexical_matching_score
 
@@ -211,8 +221,10 @@ class Embedder:
             if not (isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(s, str) for s in p)):
                 raise InputError(f"sentence_pairs[{k}] must be a (query, passage) pair of strings, got {p!r:.80}.")
         m3 = self.manifest.kind == "m3"
-        ql = min(max_query_length, self.max_length)
-        pl = min(max_passage_length, self.max_length)
+        ql = self.query_max_length if max_query_length is None else \
+            self._check_max_length(max_query_length, "max_query_length")
+        pl = self.passage_max_length if max_passage_length is None else \
+            self._check_max_length(max_passage_length, "max_passage_length")
         q = self.encode([p[0] for p in pairs], batch_size=batch_size, max_length=ql, return_sparse=m3,
                         return_colbert_vecs=m3)
         d = self.encode([p[1] for p in pairs], batch_size=batch_size, max_length=pl, return_sparse=m3,
@@ -281,11 +293,13 @@ class Embedder:
                                 f"{missing} output(s) need a BGE-M3 artifact. Set return_sparse/"
                                 f"return_colbert_vecs to False.")
 
-    def _check_max_length(self, max_length: int | None) -> int:
+    def _check_max_length(self, max_length: int | None, name: str = "max_length") -> int:
+        """A length limit in tokens, clipped to the model's own (None: the model's own)."""
         if max_length is None:
             return self.max_length
         if not isinstance(max_length, int) or isinstance(max_length, bool) or not 2 <= max_length:
-            raise InputError(f"max_length must be an integer >= 2, got {max_length!r}.")
+            raise InputError(f"{name} must be an integer >= 2 (tokens) or None (the model's own, "
+                             f"{self.max_length}), got {max_length!r}.")
         return min(max_length, self.max_length)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:

@@ -75,6 +75,9 @@ def physical_cores() -> int:
 
 def parse_device(device: str) -> tuple[str, int]:
     """``cpu`` | ``cuda`` | ``cuda:N`` | ``auto`` -> (kind, device id)."""
+    if not isinstance(device, str):
+        raise BackendError(f"device must be one string ('cpu', 'cuda', 'cuda:N' or 'auto'), got {device!r}; for "
+                           f"several GPUs (FlagEmbedding's devices=[...]) create one Embedder per device.")
     d = device.strip().lower()
     if d in ("cpu", "auto", "cuda"):
         return d, 0
