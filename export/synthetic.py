@@ -75,7 +75,7 @@ def _xlmr_tokenizer(vocab_size: int, seed: int):
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", max_piece_length=8)
+                                      unk_token="<unk>", max_piece_length=8, show_progress=False)
     tok.train_from_iterator(_training_corpus(seed), trainer)
     tok.add_special_tokens(["<mask>"])
     tok.post_processor = processors.TemplateProcessing(
@@ -93,7 +93,8 @@ def _bert_tokenizer(vocab_size: int, seed: int):
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size,
-                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+                                        show_progress=False)
     tok.train_from_iterator(_training_corpus(seed), trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
