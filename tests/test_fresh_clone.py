@@ -96,10 +96,10 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Clone:
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", BGE_EDGE_CACHE_DIR=str(root.parent / "hash-cache"))
     c = Clone(root, python, env)
-    where = c.run([str(python), "-c", "import bge_edge.runtime, bench; print(bge_edge.runtime.__file__, "
-                                      "bench.__file__)"], timeout=60)
+    where = c.run([str(python), "-c", "import bge_edge.runtime, bench.demo; print(bge_edge.runtime.__file__, "
+                                      "bench.demo.__file__)"], timeout=60)
     assert where.returncode == 0 and where.stdout.split() == [str(root / "runtime" / "__init__.py"),
-                                                              str(root / "bench" / "__init__.py")], where
+                                                              str(root / "bench" / "demo.py")], where
     return c
 
 
