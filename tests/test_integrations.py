@@ -105,7 +105,7 @@ def test_missing_extra_names_the_pip_install() -> None:
             "        if name.split('.')[0] in ('langchain_core', 'llama_index', 'qdrant_client'):\n"
             "            raise ImportError('blocked ' + name)\n"
             "sys.meta_path.insert(0, Block())\n"
-            "for mod, extra in (('langchain', 'langchain'), ('llamaindex', 'llamaindex')):\n"
+            "for mod, extra in (('langchain', 'langchain'), ('llamaindex', 'llamaindex'), ('qdrant', 'qdrant')):\n"
             "    try:\n"
             "        __import__('bge_edge.integrations.' + mod)\n"
             "    except ImportError as e:\n"
