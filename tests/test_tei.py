@@ -195,3 +195,10 @@ def test_langchain_openai_embeddings_defaults_get_a_clear_422(m3: tuple[str, Emb
         default.embed_query(TEXTS[0])
     texts = lc_openai.OpenAIEmbeddings(**kw, check_embedding_ctx_length=False)
     np.testing.assert_allclose(np.array(texts.embed_documents(TEXTS)), emb.encode(TEXTS)["dense_vecs"], atol=1e-6)
+
+
+def test_long_tokenize_request_runs_off_the_event_loop(m3: tuple[str, Embedder]) -> None:
+    url, emb = m3
+    text = "bge edge tokenises long texts on a worker thread. " * 500  # > INLINE_TOKENIZE_CHARS
+    toks = httpx.post(url + "/tokenize", json={"inputs": text}, timeout=60).json()[0]
+    assert len(toks) == emb.count_tokens([text])[0] and toks[-2]["stop"] <= len(text.encode("utf-8"))

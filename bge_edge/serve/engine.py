@@ -88,7 +88,14 @@ class EmbedderEngine:
 
     def tokenize(self, texts: list[str], add_special_tokens: bool) -> list[tuple[list[int], list[str],
                                                                             list[tuple[int, int]], list[int]]]:
-        self.embedder.count_tokens(texts)  # InputError naming the text for invalid Unicode
+        from bge_edge.runtime.errors import InputError
+
+        for k, t in enumerate(texts):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise InputError(f"inputs[{k}] holds a lone surrogate ({t[err.start]!r} at position {err.start}): "
+                                 f"not valid Unicode") from None
         encs = self.embedder._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
         return [(e.ids, e.tokens, e.offsets, e.special_tokens_mask) for e in encs]
 

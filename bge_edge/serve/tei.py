@@ -22,6 +22,7 @@ output L2-normalised vectors only), ``truncation_direction: "left"``, ``dimensio
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import numpy as np
@@ -111,7 +112,7 @@ def tei_routes(st: Any, *, engine: Callable[[], Any], need_heads: Callable[[str]
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from .app import ApiError, _bool, _floats, _read_json, _texts, _type
+    from .app import INLINE_TOKENIZE_CHARS, ApiError, _bool, _floats, _read_json, _texts, _type
     from .batcher import Job
 
     def invalid(msg: str) -> ApiError:
@@ -180,7 +181,10 @@ def tei_routes(st: Any, *, engine: Callable[[], Any], need_heads: Callable[[str]
             texts = [pre + t for t in texts]
         e = engine()
         try:
-            encs = e.tokenize(texts, special)
+            if sum(map(len, texts)) > INLINE_TOKENIZE_CHARS:  # long texts: off the event loop
+                encs = await asyncio.get_running_loop().run_in_executor(None, e.tokenize, texts, special)
+            else:
+                encs = e.tokenize(texts, special)
         except Exception as err:  # InputError: a lone surrogate
             from bge_edge.runtime.errors import InputError
 
