@@ -1,5 +1,5 @@
-"""Hugging Face text-embeddings-inference (TEI) routes, so TEI's clients (``huggingface_hub.InferenceClient``,
-LangChain's ``HuggingFaceEndpointEmbeddings``, LlamaIndex's ``TextEmbeddingsInference``, plain ``curl``) work unchanged.
+"""Hugging Face text-embeddings-inference (TEI) routes, so clients written for TEI's HTTP API work unchanged
+(tests/test_tei.py runs ``huggingface_hub.InferenceClient.feature_extraction`` against them).
 
 TEI's request fields and response shapes, on TEI's paths:
 
