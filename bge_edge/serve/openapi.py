@@ -161,7 +161,9 @@ def build_spec(version: str) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "bge-edge sidecar", "version": version,
                  "description": "BGE embeddings (dense, sparse, ColBERT) and scoring over HTTP; "
-                                "POST /v1/embeddings is OpenAI-compatible."},
+                                "POST /v1/embeddings is OpenAI-compatible; POST /, /embed, /embed_sparse, "
+                                "/tokenize and GET /info follow Hugging Face text-embeddings-inference (TEI), "
+                                "with TEI's error body {error, error_type}."},
         "paths": {
             "/v1/embeddings": _post("OpenAI-compatible dense embeddings", "EmbeddingsRequest", "EmbeddingsResponse"),
             "/embed_dense": _post("dense vectors", "EmbedRequest", "EmbedResponse"),
