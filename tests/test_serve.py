@@ -133,10 +133,10 @@ def test_concurrent_requests_merge_into_one_encode_call_and_split_back() -> None
         async with running(app) as c:
             eng.gate.set()  # warm-up does not call encode on the fake; first request runs alone
             eng.gate.clear()
-            first = asyncio.create_task(c.post("/embed", json={"inputs": "first"}))
+            first = asyncio.create_task(c.post("/embed_dense", json={"inputs": "first"}))
             await asyncio.to_thread(eng.entered.wait, 5)
             texts = [[f"req {i} text {k}" for k in range(i + 1)] for i in range(5)]
-            rest = [asyncio.create_task(c.post("/embed", json={"inputs": t})) for t in texts]
+            rest = [asyncio.create_task(c.post("/embed_dense", json={"inputs": t})) for t in texts]
             await wait_for(lambda: app.serve.batcher.queued_jobs == 5)
             eng.gate.set()
             r0, *rs = await asyncio.gather(first, *rest)
@@ -157,9 +157,9 @@ def test_merge_limits_cut_batches_by_inputs_and_tokens() -> None:
 
     async def main() -> None:
         async with running(app) as c:
-            first = asyncio.create_task(c.post("/embed", json={"inputs": "x"}))
+            first = asyncio.create_task(c.post("/embed_dense", json={"inputs": "x"}))
             await asyncio.to_thread(eng.entered.wait, 5)
-            rest = [asyncio.create_task(c.post("/embed", json={"inputs": [f"a{i}", f"b{i}"]})) for i in range(3)]
+            rest = [asyncio.create_task(c.post("/embed_dense", json={"inputs": [f"a{i}", f"b{i}"]})) for i in range(3)]
             await wait_for(lambda: app.serve.batcher.queued_jobs == 3)
             eng.gate.set()
             assert all(r.status_code == 200 for r in await asyncio.gather(first, *rest))
@@ -179,17 +179,17 @@ def test_idle_model_waits_only_for_requests_still_arriving() -> None:
         clock = asyncio.get_running_loop().time
         async with running(app) as c:
             t0 = clock()
-            assert (await c.post("/embed", json={"inputs": "alone"})).status_code == 200
+            assert (await c.post("/embed_dense", json={"inputs": "alone"})).status_code == 200
             assert clock() - t0 < 0.5  # nobody else arriving: no wait
             t0 = clock()
-            a = asyncio.create_task(c.post("/embed", json={"inputs": "a"}))
-            b = asyncio.create_task(c.post("/embed", content=slow_body("b")))  # still being read when a is queued
+            a = asyncio.create_task(c.post("/embed_dense", json={"inputs": "a"}))
+            b = asyncio.create_task(c.post("/embed_dense", content=slow_body("b")))  # still being read when a is queued
             assert all(r.status_code == 200 for r in await asyncio.gather(a, b))
             assert eng.calls == [["alone"], ["a", "b"]]
             assert clock() - t0 < 0.5  # b's arrival ended the wait, not the 1 s timeout
             t0 = clock()
-            bad = asyncio.create_task(c.post("/embed", content=slow_body("")))  # arrives, then fails validation
-            c2 = asyncio.create_task(c.post("/embed", json={"inputs": "c"}))
+            bad = asyncio.create_task(c.post("/embed_dense", content=slow_body("")))  # arrives, then fails validation
+            c2 = asyncio.create_task(c.post("/embed_dense", json={"inputs": "c"}))
             r_bad, r_c = await asyncio.gather(bad, c2)
             assert r_bad.status_code == 400 and r_c.status_code == 200 and eng.calls[-1] == ["c"]
             assert clock() - t0 < 0.5  # the refusal woke the batcher
@@ -219,10 +219,10 @@ def test_failing_request_does_not_fail_its_batch_mates() -> None:
 
     async def main() -> None:
         async with running(app) as c:
-            first = asyncio.create_task(c.post("/embed", json={"inputs": "hold"}))
+            first = asyncio.create_task(c.post("/embed_dense", json={"inputs": "hold"}))
             await asyncio.to_thread(eng.entered.wait, 5)
             names = ["fine one", "boom", "fine two", "crash"]
-            rest = [asyncio.create_task(c.post("/embed", json={"inputs": n})) for n in names]
+            rest = [asyncio.create_task(c.post("/embed_dense", json={"inputs": n})) for n in names]
             await wait_for(lambda: app.serve.batcher.queued_jobs == 4)
             eng.gate.set()
             r0, ok1, boom, ok2, crash = await asyncio.gather(first, *rest)
@@ -250,9 +250,9 @@ def test_a_fault_in_the_batching_loop_fails_only_its_batch() -> None:
                 real(name, value)
 
             b._observe = broken
-            r = await asyncio.wait_for(c.post("/embed", json={"inputs": "x"}), 5)  # answered, not left hanging
+            r = await asyncio.wait_for(c.post("/embed_dense", json={"inputs": "x"}), 5)  # answered, not left hanging
             assert r.status_code == 500 and error_of(r)["code"] == "internal_error" and faults
-            r = await asyncio.wait_for(c.post("/embed", json={"inputs": "y"}), 5)
+            r = await asyncio.wait_for(c.post("/embed_dense", json={"inputs": "y"}), 5)
             assert r.status_code == 200 and (await c.get("/ready")).status_code == 200
 
     asyncio.run(main())
@@ -263,11 +263,11 @@ def test_queue_full_gives_429_with_retry_after() -> None:
 
     async def main() -> None:
         async with running(app) as c:
-            first = asyncio.create_task(c.post("/embed", json={"inputs": "running"}))
+            first = asyncio.create_task(c.post("/embed_dense", json={"inputs": "running"}))
             await asyncio.to_thread(eng.entered.wait, 5)
-            queued = asyncio.create_task(c.post("/embed", json={"inputs": ["a", "b", "c"]}))
+            queued = asyncio.create_task(c.post("/embed_dense", json={"inputs": ["a", "b", "c"]}))
             await wait_for(lambda: app.serve.batcher.pending_inputs == 3)
-            r = await c.post("/embed", json={"inputs": ["d", "e"]})
+            r = await c.post("/embed_dense", json={"inputs": ["d", "e"]})
             assert r.status_code == 429
             err = error_of(r)
             assert err["code"] == "queue_full" and "max_queue_inputs 4" in err["message"]
@@ -275,7 +275,7 @@ def test_queue_full_gives_429_with_retry_after() -> None:
             assert int(r.headers["retry-after"]) >= 1
             eng.gate.set()
             assert (await first).status_code == 200 and (await queued).status_code == 200
-            assert (await c.post("/embed", json={"inputs": ["d", "e"]})).status_code == 200
+            assert (await c.post("/embed_dense", json={"inputs": ["d", "e"]})).status_code == 200
             assert 'bge_edge_errors_total{status="429",error="queue_full"} 1' in (await c.get("/metrics")).text
 
     asyncio.run(main())
@@ -286,9 +286,9 @@ def test_too_many_concurrent_requests_gives_429() -> None:
 
     async def main() -> None:
         async with running(app) as c:
-            held = [asyncio.create_task(c.post("/embed", json={"inputs": f"x{i}"})) for i in range(2)]
+            held = [asyncio.create_task(c.post("/embed_dense", json={"inputs": f"x{i}"})) for i in range(2)]
             await wait_for(lambda: app.serve.concurrent == 2)
-            r = await c.post("/embed", json={"inputs": "y"})
+            r = await c.post("/embed_dense", json={"inputs": "y"})
             assert r.status_code == 429 and error_of(r)["code"] == "too_many_concurrent_requests"
             assert "max_concurrent 2" in error_of(r)["message"] and r.headers["retry-after"] == "1"
             eng.gate.set()
@@ -361,12 +361,12 @@ def test_draining_finishes_accepted_requests_and_refuses_new_ones() -> None:
 
     async def main() -> None:
         async with running(app) as c:
-            running_req = asyncio.create_task(c.post("/embed", json={"inputs": "in flight"}))
+            running_req = asyncio.create_task(c.post("/embed_dense", json={"inputs": "in flight"}))
             await asyncio.to_thread(eng.entered.wait, 5)
             queued = asyncio.create_task(c.post("/embed_all", json={"inputs": ["queued"]}))
             await wait_for(lambda: st.batcher.queued_jobs == 1)
             st.begin_drain()
-            r = await c.post("/embed", json={"inputs": "late"})
+            r = await c.post("/embed_dense", json={"inputs": "late"})
             assert r.status_code == 503 and error_of(r)["code"] == "shutting_down"
             assert r.headers["connection"] == "close"
             assert (await c.get("/ready")).status_code == 503
@@ -388,9 +388,9 @@ def test_stopping_fails_queued_requests_with_503_not_500() -> None:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             async with star.router.lifespan_context(star):
                 await wait_for(lambda: app.serve.ready)
-                first = asyncio.create_task(c.post("/embed", json={"inputs": "a"}))
+                first = asyncio.create_task(c.post("/embed_dense", json={"inputs": "a"}))
                 await asyncio.to_thread(eng.entered.wait, 5)
-                queued = asyncio.create_task(c.post("/embed", json={"inputs": "b"}))
+                queued = asyncio.create_task(c.post("/embed_dense", json={"inputs": "b"}))
                 await wait_for(lambda: app.serve.batcher.queued_jobs == 1)
             eng.gate.set()  # lifespan exited (shutdown timeout passed): the queued request is failed cleanly
             r = await queued
@@ -407,13 +407,13 @@ def test_api_key() -> None:
         async with running(app) as c:
             for path in ("/health", "/ready", "/openapi.json"):
                 assert (await c.get(path)).status_code == 200
-            r = await c.post("/embed", json={"inputs": "x"})
+            r = await c.post("/embed_dense", json={"inputs": "x"})
             assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
             assert r.headers["www-authenticate"] == "Bearer"
             r = await c.get("/metrics", headers={"Authorization": "Bearer wrong-key"})
             assert r.status_code == 401 and "wrong API key" in error_of(r)["message"]
             ok = {"Authorization": "Bearer s3cret-key"}
-            assert (await c.post("/embed", json={"inputs": "x"}, headers=ok)).status_code == 200
+            assert (await c.post("/embed_dense", json={"inputs": "x"}, headers=ok)).status_code == 200
             assert (await c.get("/info", headers=ok)).json()["auth"] == "bearer"
             assert "s3cret" not in (await c.get("/info", headers=ok)).text
 
@@ -525,23 +525,23 @@ def test_metrics_exposition_format() -> None:
     async def main() -> None:
         async with running(app) as c:
             for i in range(3):
-                assert (await c.post("/embed", json={"inputs": [f"w{i} x", "y"]})).status_code == 200
-            await c.post("/embed", json={"inputs": []})
-            await c.post("/embed", content=b"{bad")
+                assert (await c.post("/embed_dense", json={"inputs": [f"w{i} x", "y"]})).status_code == 200
+            await c.post("/embed_dense", json={"inputs": []})
+            await c.post("/embed_dense", content=b"{bad")
             await c.get('/no/such/"path')
             r = await c.get("/metrics")
             assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
             s = parse_prometheus(r.text)
-            assert s['bge_edge_requests_total{endpoint="/embed",code="200"}'] == 3
-            assert s['bge_edge_requests_total{endpoint="/embed",code="400"}'] == 1
+            assert s['bge_edge_requests_total{endpoint="/embed_dense",code="200"}'] == 3
+            assert s['bge_edge_requests_total{endpoint="/embed_dense",code="400"}'] == 1
             assert s['bge_edge_requests_total{endpoint="other",code="404"}'] == 1
             assert s['bge_edge_errors_total{status="422",error="invalid_json"}'] == 1
-            assert s['bge_edge_tokens_total{endpoint="/embed"}'] == 3 * (4 + 3)
-            assert s['bge_edge_inputs_total{endpoint="/embed"}'] == 6
+            assert s['bge_edge_tokens_total{endpoint="/embed_dense"}'] == 3 * (4 + 3)
+            assert s['bge_edge_inputs_total{endpoint="/embed_dense"}'] == 6
             assert s["bge_edge_queue_depth"] == 0 and s["bge_edge_ready"] == 1
             assert s['bge_edge_batch_inputs_bucket{le="+Inf"}'] == s["bge_edge_batch_inputs_count"] == 3
             assert s["bge_edge_batch_inputs_sum"] == 6
-            prefix = 'bge_edge_request_duration_seconds_bucket{endpoint="/embed"'
+            prefix = 'bge_edge_request_duration_seconds_bucket{endpoint="/embed_dense"'
             buckets = [v for k, v in s.items() if k.startswith(prefix)]
             assert buckets == sorted(buckets) and buckets[-1] == 5  # cumulative, +Inf == count
             assert s["process_resident_memory_bytes"] > 1e6

@@ -82,14 +82,14 @@ def test_openai_embeddings_match_encode(m3: tuple[TestClient, Embedder]) -> None
 def test_embed_endpoints_match_encode(m3: tuple[TestClient, Embedder]) -> None:
     c, emb = m3
     ref = emb.encode(TEXTS, return_sparse=True, return_colbert_vecs=True)
-    r = c.post("/embed", json={"inputs": TEXTS})
+    r = c.post("/embed_dense", json={"inputs": TEXTS})
     assert np.abs(np.array(r.json()["dense_vecs"]) - ref["dense_vecs"]).max() < 1e-7
     assert set(r.json()) == {"model", "dense_vecs", "usage", "truncated"}
 
-    sp = c.post("/embed_sparse", json={"inputs": TEXTS}).json()["lexical_weights"]
+    sp = c.post("/embed_lexical", json={"inputs": TEXTS}).json()["lexical_weights"]
     for got, want in zip(sp, ref["lexical_weights"]):
         assert set(got) == set(want) and all(abs(got[k] - float(want[k])) < 1e-7 for k in want)
-    named = c.post("/embed_sparse", json={"inputs": TEXTS, "return_tokens": True}).json()["lexical_weights"]
+    named = c.post("/embed_lexical", json={"inputs": TEXTS, "return_tokens": True}).json()["lexical_weights"]
     assert [set(d) for d in named] == [set(d) for d in emb.convert_id_to_token(ref["lexical_weights"])]
 
     col = c.post("/embed_colbert", json={"input": TEXTS}).json()["colbert_vecs"]  # "input" is an alias
@@ -128,8 +128,8 @@ def test_dense_artifact_has_no_sparse_or_colbert(bert_artifact: Path, tmp_path: 
     app, emb = client_for(bert_artifact, tmp_path)
     with TestClient(app) as c:
         wait_ready(c)
-        assert c.post("/embed", json={"inputs": ["a"]}).status_code == 200
-        for path in ("/embed_sparse", "/embed_colbert", "/embed_all"):
+        assert c.post("/embed_dense", json={"inputs": ["a"]}).status_code == 200
+        for path in ("/embed_lexical", "/embed_colbert", "/embed_all"):
             msg = error_of(c.post(path, json={"inputs": ["a"]}), 400, "head_unavailable")
             assert "kind 'dense'" in msg and "BGE-M3" in msg
         s = c.post("/score", json={"pairs": [["a", "b"]]}).json()["scores"]
@@ -140,7 +140,7 @@ def test_dense_artifact_has_no_sparse_or_colbert(bert_artifact: Path, tmp_path: 
 
 
 def test_413_payload_inputs_and_tokens(small: TestClient) -> None:
-    msg = error_of(small.post("/embed", json={"inputs": "x" * 5000}), 413, "payload_too_large")
+    msg = error_of(small.post("/embed_dense", json={"inputs": "x" * 5000}), 413, "payload_too_large")
     assert "max_request_bytes 4,096" in msg and "5,0" in msg
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is enforced while reading
@@ -149,47 +149,51 @@ def test_413_payload_inputs_and_tokens(small: TestClient) -> None:
             yield b"y" * 1000
         yield b'"}'
 
-    error_of(small.post("/embed", content=chunks()), 413, "payload_too_large")
+    error_of(small.post("/embed_dense", content=chunks()), 413, "payload_too_large")
     msg = error_of(small.post("/v1/embeddings", json={"input": ["a"] * 5}), 413, "too_many_inputs")
     assert "5 texts > max_inputs 4" in msg
     error_of(small.post("/score", json={"pairs": [["a", "b"]] * 5}), 413, "too_many_inputs")
     long = " ".join(["word"] * 40)
-    msg = error_of(small.post("/embed", json={"inputs": ["ok", long]}), 413, "input_too_long")
+    msg = error_of(small.post("/embed_dense", json={"inputs": ["ok", long]}), 413, "input_too_long")
     assert "text 1 has" in msg and "max_input_tokens 16" in msg and '"truncate": true' in msg
-    r = small.post("/embed", json={"inputs": ["ok", long], "truncate": True})
+    r = small.post("/embed_dense", json={"inputs": ["ok", long], "truncate": True})
     assert r.status_code == 200 and r.json()["truncated"] == 1
     assert r.json()["usage"]["prompt_tokens"] == 16 + small.app.serve.engine.count_tokens(["ok"])[0]
-    msg = error_of(small.post("/embed", json={"inputs": [long] * 4, "truncate": True}), 413, "too_many_tokens")
+    msg = error_of(small.post("/embed_dense", json={"inputs": [long] * 4, "truncate": True}), 413, "too_many_tokens")
     assert "64 tokens > max_request_tokens 40" in msg  # counted after truncation: 4 x 16
     error_of(small.post("/score", json={"pairs": [[long, long]] * 2, "truncate": True}), 413, "too_many_tokens")
     assert small.post("/score", json={"pairs": [[long, "ok"]], "truncate": True}).status_code == 200
 
 
 def test_400_and_422(small: TestClient) -> None:
-    error_of(small.post("/embed", json={"inputs": []}), 400, "empty_input")
-    assert "inputs[1] is an empty string" in error_of(small.post("/embed", json={"inputs": ["a", ""]}), 400,
+    error_of(small.post("/embed_dense", json={"inputs": []}), 400, "empty_input")
+    assert "inputs[1] is an empty string" in error_of(small.post("/embed_dense", json={"inputs": ["a", ""]}), 400,
                                                       "empty_input")
     error_of(small.post("/v1/embeddings", json={"input": ""}), 400, "empty_input")
     error_of(small.post("/score", json={"pairs": [["q", ""]]}), 400, "empty_input")
     error_of(small.post("/score", json={"pairs": [["q", "p"]], "weights": [0, 0, 1]}), 400, "invalid_weights")
     error_of(small.post("/v1/embeddings", json={"input": "a", "dimensions": 7}), 400, "unsupported_dimensions")
-    error_of(small.post("/embed", content=b'{"inputs": ["a",'), 422, "invalid_json")
-    error_of(small.post("/embed", content=b""), 422, "invalid_json")
-    error_of(small.post("/embed", content=b"\xff\xfe\x00garbage"), 422, "invalid_json")
-    error_of(small.post("/embed", content=b"[" * 100_000 + b"]" * 100_000), 413, "payload_too_large")
-    error_of(small.post("/embed", content=b"[" * 2000 + b"]" * 2000), 422, "invalid_json")  # too deep
-    error_of(small.post("/embed", json=["a"]), 422, "invalid_type")
-    assert "got integer" in error_of(small.post("/embed", json={"inputs": 3}), 422, "invalid_type")
-    assert "token-id input" in error_of(small.post("/v1/embeddings", json={"input": [[1, 2]]}), 422, "invalid_type")
-    error_of(small.post("/embed", json={"inputs": "a", "truncate": "yes"}), 422, "invalid_type")
-    error_of(small.post("/embed", json={"inputs": "a", "input": "b"}), 422, "invalid_type")
-    error_of(small.post("/embed", json={"text": "a"}), 422, "invalid_type")
+    error_of(small.post("/embed_dense", content=b'{"inputs": ["a",'), 422, "invalid_json")
+    error_of(small.post("/embed_dense", content=b""), 422, "invalid_json")
+    error_of(small.post("/embed_dense", content=b"\xff\xfe\x00garbage"), 422, "invalid_json")
+    error_of(small.post("/embed_dense", content=b"[" * 100_000 + b"]" * 100_000), 413, "payload_too_large")
+    error_of(small.post("/embed_dense", content=b"[" * 2000 + b"]" * 2000), 422, "invalid_json")  # too deep
+    error_of(small.post("/embed_dense", json=["a"]), 422, "invalid_type")
+    assert "got integer" in error_of(small.post("/embed_dense", json={"inputs": 3}), 422, "invalid_type")
+    assert "token-id input" in error_of(small.post("/v1/embeddings", json={"input": [[1, 2]]}), 422,
+                                        "token_ids_unsupported")
+    assert "check_embedding_ctx_length=False" in error_of(small.post("/v1/embeddings", json={"input": [1, 2]}),
+                                                          422, "token_ids_unsupported")
+    error_of(small.post("/embed_dense", json={"inputs": "a", "truncate": "yes"}), 422, "invalid_type")
+    error_of(small.post("/embed_dense", json={"inputs": "a", "input": "b"}), 422, "invalid_type")
+    error_of(small.post("/embed_dense", json={"text": "a"}), 422, "invalid_type")
     error_of(small.post("/v1/embeddings", json={"input": "a", "encoding_format": "hex"}), 422, "invalid_type")
     error_of(small.post("/score", json={"pairs": [["a", "b", "c"]]}), 422, "invalid_type")
     error_of(small.post("/score", json={"pairs": [["a", "b"]], "weights": [1, 1]}), 422, "invalid_type")
-    assert "lone surrogate" in error_of(small.post("/embed", content=b'{"inputs": "a\\ud800b"}'), 422, "invalid_text")
+    assert "lone surrogate" in error_of(small.post("/embed_dense", content=b'{"inputs": "a\\ud800b"}'), 422,
+                                        "invalid_text")
     error_of(small.get("/nope"), 404, "not_found")
-    r = small.get("/embed")
+    r = small.get("/embed_dense")
     assert "allowed: POST" in error_of(r, 405, "method_not_allowed") and r.headers["allow"] == "POST"
     assert small.get("/ready").status_code == 200
 
@@ -250,9 +254,11 @@ def test_openapi_document_matches_routes_and_responses(m3: tuple[TestClient, Emb
     assert routes == documented
     requests = {
         "/v1/embeddings": [{"input": TEXTS}, {"input": "x", "encoding_format": "base64"}],
-        "/embed": [{"inputs": TEXTS}], "/embed_sparse": [{"inputs": TEXTS, "return_tokens": True}],
+        "/embed_dense": [{"inputs": TEXTS}], "/embed_lexical": [{"inputs": TEXTS, "return_tokens": True}],
         "/embed_colbert": [{"inputs": "x"}], "/embed_all": [{"inputs": TEXTS}],
         "/score": [{"pairs": [["q", "p"]], "weights": [1, 1, 1]}],
+        "/": [{"inputs": "x"}], "/embed": [{"inputs": TEXTS, "truncate": None, "normalize": True}],
+        "/embed_sparse": [{"inputs": TEXTS}], "/tokenize": [{"inputs": TEXTS, "add_special_tokens": False}],
     }
     for (path, method) in sorted(documented):
         op = spec["paths"][path][method]

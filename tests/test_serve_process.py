@@ -89,7 +89,7 @@ def test_real_server_answers_and_idles(keyed: Server, m3_artifact: Path) -> None
     auth = {"Authorization": f"Bearer {KEY}"}
     with httpx.Client(base_url=keyed.url, timeout=30) as c:
         assert c.get("/health").json() == {"status": "ok"}
-        assert c.post("/embed", json={"inputs": TEXTS}).status_code == 401  # key from BGE_EDGE_API_KEY
+        assert c.post("/embed_dense", json={"inputs": TEXTS}).status_code == 401  # key from BGE_EDGE_API_KEY
         r = c.post("/embed_all", json={"inputs": TEXTS}, headers=auth)
         assert r.status_code == 200 and len(r.json()["colbert_vecs"]) == 3
         ref = Embedder(m3_artifact, precision="fp32", hash_cache=False).encode(TEXTS)["dense_vecs"]
@@ -107,13 +107,13 @@ def test_real_server_answers_and_idles(keyed: Server, m3_artifact: Path) -> None
 RAW = [  # hostile bytes on the socket: the HTTP layer (uvicorn + h11) answers or hangs up, never 5xx, never dies
     b"GARBAGE\r\n\r\n",
     b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
-    b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
-    b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
-    b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-    b"POST /embed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nnot-hex\r\n",
+    b"POST /embed_dense HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+    b"POST /embed_dense HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"POST /embed_dense HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"POST /embed_dense HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nnot-hex\r\n",
     b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
     b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(2000)) + b"\r\n",
-    b"POST /embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+    b"POST /embed_dense HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
     b"\r\nContent-Length: 999999999\r\n\r\n{",
     b"GET /\x00\xff HTTP/1.1\r\nHost: x\r\n\r\n",
 ]
@@ -168,7 +168,7 @@ def test_sigterm_mid_load_loses_no_accepted_request(m3_artifact: Path) -> None:
                 if time.monotonic() > end:
                     break
                 try:
-                    r = c.post("/embed", json={"inputs": texts})
+                    r = c.post("/embed_dense", json={"inputs": texts})
                 except httpx.TransportError as e:  # connection closed by the stopped server
                     results[k].append((signalled.is_set(), type(e).__name__))
                     return

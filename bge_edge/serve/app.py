@@ -36,14 +36,16 @@ from .config import ServeConfig
 from .engine import Engine
 from .metrics import CONTENT_TYPE, SIZE_BUCKETS, Registry
 from .openapi import build_spec
+from .tei import TEI_PATHS, error_body, info_fields
 
 __all__ = ["create_app", "ServeApp", "ServeState", "ApiError"]
 
 log = logging.getLogger("bge_edge.serve")
 
-INFERENCE = ("/v1/embeddings", "/embed", "/embed_sparse", "/embed_colbert", "/embed_all", "/score")
+INFERENCE = ("/v1/embeddings", "/embed_dense", "/embed_lexical", "/embed_colbert", "/embed_all", "/score",
+             "/", "/embed", "/embed_sparse")  # the last three: TEI's (bge_edge.serve.tei)
 PUBLIC = ("/health", "/ready", "/openapi.json")
-ENDPOINTS = INFERENCE + PUBLIC + ("/info", "/metrics", "/v1/models")
+ENDPOINTS = INFERENCE + PUBLIC + ("/info", "/metrics", "/v1/models", "/tokenize")
 INLINE_TOKENIZE_CHARS = 20_000  # above this many characters, count tokens on a worker thread
 ARRIVING = "bge_edge.arriving"  # scope key: this request counts in ServeState.arriving
 
@@ -118,10 +120,12 @@ class ServeState:
     def idle(self) -> bool:
         return self.active == 0
 
-    def error(self, e: ApiError) -> Response:
+    def error(self, e: ApiError, path: str = "") -> Response:
+        """The error response; on TEI's paths in TEI's body ``{"error", "error_type"}``."""
         self.m_errors.inc(str(e.status), e.code)
-        return JSONResponse({"error": {"message": e.message, "type": e.type, "code": e.code}},
-                            status_code=e.status, headers=e.headers)
+        body: dict[str, Any] = error_body(e.status, e.code, e.message) if path in TEI_PATHS else \
+            {"error": {"message": e.message, "type": e.type, "code": e.code}}
+        return JSONResponse(body, status_code=e.status, headers=e.headers)
 
 
 # ---- request parsing -----------------------------------------------------------------------------
@@ -187,6 +191,25 @@ def _texts(body: dict[str, Any], names: tuple[str, ...], max_inputs: int) -> lis
             raise ApiError(400, "empty_input", f"{name}[{k}] is an empty string; every text needs at least one "
                                                f"character")
     return items
+
+
+def _refuse_token_ids(body: dict[str, Any]) -> None:
+    """OpenAI's API also takes token ids (``[int]`` or ``[[int]]``, tiktoken's ids for OpenAI's models); this model's
+    tokenizer is a different one, so embedding them would be silent garbage. LangChain's ``OpenAIEmbeddings`` sends
+    them unless ``check_embedding_ctx_length=False``: say so."""
+    v = body.get("input")
+    if not (isinstance(v, list) and v):
+        return
+    first = v[0]
+    def is_id(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if is_id(first) or (isinstance(first, list) and (not first or is_id(first[0]))):
+        raise ApiError(422, "token_ids_unsupported",
+                       "'input' holds token ids: token-id input is not supported, send text. Ids made by OpenAI's "
+                       "tokenizer (tiktoken) mean other tokens to this model, so they would embed garbage. LangChain's "
+                       "OpenAIEmbeddings sends tiktoken ids by default: create it with "
+                       "OpenAIEmbeddings(..., check_embedding_ctx_length=False) to send text")
 
 
 def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
@@ -355,6 +378,7 @@ def create_app(config: ServeConfig, load: Callable[[], Engine]) -> ServeApp:
 
     async def openai_embeddings(request: Request) -> Response:
         body = await _read_json(request, st.config.max_request_bytes)
+        _refuse_token_ids(body)
         texts = _texts(body, ("input",), st.config.max_inputs)
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64", None):
@@ -431,8 +455,9 @@ def create_app(config: ServeConfig, load: Callable[[], Engine]) -> ServeApp:
 
     async def info(request: Request) -> Response:
         cfg = st.config
-        out: dict[str, Any] = {"version": bge_edge.__version__, "ready": st.ready and not st.draining,
-                               "model": st.model_name or None}
+        out: dict[str, Any] = info_fields(st)  # TEI's fields first, then bge-edge's
+        out.update({"version": bge_edge.__version__, "ready": st.ready and not st.draining,
+                    "model": st.model_name or None})
         if st.engine is not None:
             out.update(st.engine.info())
             out["model"] = st.model_name
@@ -462,25 +487,25 @@ def create_app(config: ServeConfig, load: Callable[[], Engine]) -> ServeApp:
             try:
                 return await fn(request)
             except ApiError as e:
-                return st.error(e)
+                return st.error(e, request.url.path)
             except InputError as e:
-                return st.error(ApiError(400, "invalid_input", str(e)))
+                return st.error(ApiError(400, "invalid_input", str(e)), request.url.path)
             except ArtifactError as e:
                 log.error("artifact error while serving %s: %s", request.url.path, e)
-                return st.error(ApiError(500, "artifact_error", str(e), "server_error"))
+                return st.error(ApiError(500, "artifact_error", str(e), "server_error"), request.url.path)
             except BackendError as e:
                 log.error("inference failed on %s: %s", request.url.path, e)
-                return st.error(ApiError(500, "inference_failed", str(e), "server_error"))
+                return st.error(ApiError(500, "inference_failed", str(e), "server_error"), request.url.path)
             except Exception:
                 log.exception("unexpected error on %s", request.url.path)
                 return st.error(ApiError(500, "internal_error", "internal server error; see the server log",
-                                         "server_error"))
+                                         "server_error"), request.url.path)
         return wrapped
 
     routes = [
         Route("/v1/embeddings", guarded(openai_embeddings), methods=["POST"]),
-        Route("/embed", guarded(embed_endpoint("/embed", True, False, False)), methods=["POST"]),
-        Route("/embed_sparse", guarded(embed_endpoint("/embed_sparse", False, True, False)), methods=["POST"]),
+        Route("/embed_dense", guarded(embed_endpoint("/embed_dense", True, False, False)), methods=["POST"]),
+        Route("/embed_lexical", guarded(embed_endpoint("/embed_lexical", False, True, False)), methods=["POST"]),
         Route("/embed_colbert", guarded(embed_endpoint("/embed_colbert", False, False, True)), methods=["POST"]),
         Route("/embed_all", guarded(embed_endpoint("/embed_all", True, True, True)), methods=["POST"]),
         Route("/score", guarded(score), methods=["POST"]),
@@ -491,6 +516,10 @@ def create_app(config: ServeConfig, load: Callable[[], Engine]) -> ServeApp:
         Route("/openapi.json", guarded(openapi), methods=["GET"]),
         Route("/v1/models", guarded(models), methods=["GET"]),
     ]
+    from .tei import tei_routes  # TEI's /, /embed, /embed_sparse, /tokenize (its /info fields are in info above)
+
+    routes += tei_routes(st, engine=engine, need_heads=need_heads, count=count, submit=submit, account=account,
+                         guarded=guarded)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -498,7 +527,7 @@ def create_app(config: ServeConfig, load: Callable[[], Engine]) -> ServeApp:
         msg = {404: f"no endpoint at {request.url.path[:100]!r}; see /openapi.json",
                405: f"{request.method} is not allowed on {request.url.path}; allowed: "
                     f"{(exc.headers or {}).get('Allow', '?')}"}.get(exc.status_code, str(exc.detail))
-        return st.error(ApiError(exc.status_code, code, msg, headers=dict(exc.headers or {})))
+        return st.error(ApiError(exc.status_code, code, msg, headers=dict(exc.headers or {})), request.url.path)
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.serve = st
@@ -560,7 +589,7 @@ class ServeApp:
         try:
             refusal = self._refuse(scope, path)
             if refusal is not None:
-                await st.error(refusal)(scope, receive, send_status)
+                await st.error(refusal, path)(scope, receive, send_status)
                 return
             accepted = path in INFERENCE
             if accepted:

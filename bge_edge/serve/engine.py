@@ -34,6 +34,10 @@ class Engine(Protocol):
     def id_to_token(self, weights: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Token-id keys to token strings (``Embedder.convert_id_to_token``)."""
 
+    def tokenize(self, texts: list[str], add_special_tokens: bool) -> list[tuple[list[int], list[str],
+                                                                            list[tuple[int, int]], list[int]]]:
+        """Per text: token ids, token strings, character offsets, special-token mask (TEI's /tokenize)."""
+
     def warmup(self) -> None:
         """Run every output once so the first request does not pay for lazy initialisation."""
 
@@ -57,6 +61,8 @@ class EmbedderEngine:
         self.heads = tuple(m.heads)
         self.hidden_size = int(m.hidden_size)
         self.max_length = int(embedder.max_length)
+        # prompts by name (TEI's prompt_name): the query instruction of bge v1.5 models; none for M3
+        self.prompts = {"query": m.query_instruction} if m.query_instruction else {}
 
     @classmethod
     def load(cls, artifact: str, precision: str | None = None, device: str = "cpu",
@@ -79,6 +85,19 @@ class EmbedderEngine:
 
     def id_to_token(self, weights: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return self.embedder.convert_id_to_token(weights)
+
+    def tokenize(self, texts: list[str], add_special_tokens: bool) -> list[tuple[list[int], list[str],
+                                                                            list[tuple[int, int]], list[int]]]:
+        from bge_edge.runtime.errors import InputError
+
+        for k, t in enumerate(texts):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise InputError(f"inputs[{k}] holds a lone surrogate ({t[err.start]!r} at position {err.start}): "
+                                 f"not valid Unicode") from None
+        encs = self.embedder._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return [(e.ids, e.tokens, e.offsets, e.special_tokens_mask) for e in encs]
 
     def warmup(self) -> None:
         m3 = self.kind == "m3"

@@ -71,10 +71,48 @@ SCHEMAS: dict[str, Any] = {
                                                  "colbert+sparse+dense), one score per pair"}}},
     "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"},
                                                                           "model": {"type": "string"}}},
-    "Info": {"type": "object", "required": ["version", "ready", "limits", "batching"],
+    "Info": {"type": "object", "required": ["version", "ready", "limits", "batching", "model_id", "model_dtype",
+                                            "model_type", "max_input_length", "max_client_batch_size"],
+             "description": "TEI's /info fields (model_id, model_sha, model_dtype, model_type, "
+                            "max_concurrent_requests, max_input_length, max_batch_tokens, max_batch_requests, "
+                            "max_client_batch_size, auto_truncate, tokenization_workers, version, sha, docker_label) "
+                            "and bge-edge's",
              "properties": {"version": {"type": "string"}, "ready": {"type": "boolean"},
+                            "model_id": {"type": ["string", "null"]}, "model_dtype": {"type": ["string", "null"]},
+                            "model_type": {"type": ["object", "null"]},
+                            "max_input_length": {"type": ["integer", "null"]},
+                            "max_client_batch_size": {"type": "integer"},
                             "model": {"type": ["string", "null"]}, "limits": {"type": "object"},
                             "batching": {"type": "object"}}},
+    "TeiError": {"type": "object", "required": ["error", "error_type"],
+                 "properties": {"error": {"type": "string"},
+                                "error_type": {"type": "string", "enum": ["Validation", "Tokenizer", "Empty",
+                                                                          "Overloaded", "Unhealthy", "Backend",
+                                                                          "Unauthorized"]}}},
+    "TeiEmbedRequest": {
+        "type": "object", "required": ["inputs"],
+        "properties": {"inputs": _TEXTS, "truncate": {**_TRUNCATE, "type": ["boolean", "null"]},
+                       "truncation_direction": {"type": ["string", "null"], "enum": ["right", "Right", None],
+                                                "description": "only right truncation is supported"},
+                       "prompt_name": {"type": ["string", "null"],
+                                       "description": "'query' prepends the model's query instruction (bge v1.5)"},
+                       "normalize": {"type": "boolean", "default": True, "description": "only true is supported"},
+                       "dimensions": {"type": ["integer", "null"],
+                                      "description": "only the model's own dimension is supported"}}},
+    "TeiEmbedResponse": {"type": "array", "items": _VEC, "description": "one L2-normalised vector per input"},
+    "TeiSparseResponse": {"type": "array", "items": {"type": "array", "items": {
+        "type": "object", "required": ["index", "value"],
+        "properties": {"index": {"type": "integer"}, "value": {"type": "number"}}}},
+        "description": "BGE-M3 lexical weights per input: token id and weight, sorted by token id"},
+    "TeiTokenizeRequest": {
+        "type": "object", "required": ["inputs"],
+        "properties": {"inputs": _TEXTS, "add_special_tokens": {"type": "boolean", "default": True},
+                       "prompt_name": {"type": ["string", "null"]}}},
+    "TeiTokenizeResponse": {"type": "array", "items": {"type": "array", "items": {
+        "type": "object", "required": ["id", "text", "special", "start", "stop"],
+        "properties": {"id": {"type": "integer"}, "text": {"type": "string"}, "special": {"type": "boolean"},
+                       "start": {"type": ["integer", "null"], "description": "UTF-8 byte offset; null if special"},
+                       "stop": {"type": ["integer", "null"], "description": "UTF-8 byte offset; null if special"}}}}},
     "Models": {"type": "object", "required": ["object", "data"],
                "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object"}}}},
 }
@@ -100,6 +138,17 @@ def _post(summary: str, req: str, resp: str) -> dict[str, Any]:
                      "responses": {"200": ok, **_ERRORS}}}
 
 
+def _tei_post(summary: str, req: str, resp: str) -> dict[str, Any]:
+    op = _post(summary, req, resp)
+    responses = op["post"]["responses"]
+    for code, r in responses.items():
+        if code != "200":
+            responses[code] = {"description": r["description"],
+                               "content": {"application/json": {"schema": _ref("TeiError")}}}
+    op["post"]["tags"] = ["text-embeddings-inference"]
+    return op
+
+
 def _get(summary: str, schema: dict[str, Any] | None, media: str = "application/json",
          errors: tuple[str, ...] = ()) -> dict[str, Any]:
     ok: dict[str, Any] = {"description": "OK"}
@@ -112,11 +161,13 @@ def build_spec(version: str) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "bge-edge sidecar", "version": version,
                  "description": "BGE embeddings (dense, sparse, ColBERT) and scoring over HTTP; "
-                                "POST /v1/embeddings is OpenAI-compatible."},
+                                "POST /v1/embeddings is OpenAI-compatible; POST /, /embed, /embed_sparse, "
+                                "/tokenize and GET /info follow Hugging Face text-embeddings-inference (TEI), "
+                                "with TEI's error body {error, error_type}."},
         "paths": {
             "/v1/embeddings": _post("OpenAI-compatible dense embeddings", "EmbeddingsRequest", "EmbeddingsResponse"),
-            "/embed": _post("dense vectors", "EmbedRequest", "EmbedResponse"),
-            "/embed_sparse": _post("lexical (sparse) weights; BGE-M3 only", "EmbedRequest", "EmbedResponse"),
+            "/embed_dense": _post("dense vectors", "EmbedRequest", "EmbedResponse"),
+            "/embed_lexical": _post("lexical (sparse) weights; BGE-M3 only", "EmbedRequest", "EmbedResponse"),
             "/embed_colbert": _post("ColBERT multi-vectors; BGE-M3 only", "EmbedRequest", "EmbedResponse"),
             "/embed_all": _post("dense, sparse and ColBERT from one forward pass; BGE-M3 only", "EmbedRequest",
                                 "EmbedResponse"),
@@ -127,6 +178,12 @@ def build_spec(version: str) -> dict[str, Any]:
             "/info": _get("artifact, precision, backend, limits", _ref("Info"), errors=("401",)),
             "/metrics": _get("Prometheus text exposition", None, "text/plain", errors=("401",)),
             "/openapi.json": _get("this document", {"type": "object"}),
+            "/": _tei_post("TEI: the loaded model's default task (an embedder: /embed)", "TeiEmbedRequest",
+                           "TeiEmbedResponse"),
+            "/embed": _tei_post("TEI: dense vectors, a bare list", "TeiEmbedRequest", "TeiEmbedResponse"),
+            "/embed_sparse": _tei_post("TEI: lexical weights as index/value lists; BGE-M3 only", "TeiEmbedRequest",
+                                       "TeiSparseResponse"),
+            "/tokenize": _tei_post("TEI: tokens with UTF-8 byte offsets", "TeiTokenizeRequest", "TeiTokenizeResponse"),
             "/v1/models": _get("OpenAI-compatible model list", _ref("Models"), errors=("401",)),
         },
         "components": {"schemas": SCHEMAS,

@@ -1,0 +1,64 @@
+"""In-process adapters: bge-edge embedders inside the frameworks people already use, no server needed.
+
+Each framework lives in its own module and is imported only there; a missing one fails with the exact
+``pip install`` to run:
+
+  bge_edge.integrations.langchain   BgeEdgeEmbeddings, a LangChain Embeddings       pip install 'bge-edge[langchain]'
+  bge_edge.integrations.llamaindex  BgeEdgeEmbedding, a LlamaIndex BaseEmbedding    pip install 'bge-edge[llamaindex]'
+  bge_edge.integrations.qdrant      QdrantIndex, embedded Qdrant: dense+sparse+ColBERT  pip install 'bge-edge[qdrant]'
+
+Queries get the model's query instruction (bge v1.5: "Represent this sentence for searching relevant passages: ";
+none for BGE-M3) and documents none, as FlagEmbedding's ``encode_queries`` / ``encode_corpus`` do.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence, Union
+
+from bge_edge.runtime import Embedder
+from bge_edge.runtime.errors import MissingExtraError
+
+__all__: list[str] = []
+
+ModelLike = Union[str, "os.PathLike[str]", Embedder]
+
+
+def require(module: str, extra: str, what: str) -> Any:
+    """Import ``module`` or fail with the ``pip install`` that brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtraError(f"{what} needs {module.split('.')[0]}, which is not installed: run "
+                                f"pip install 'bge-edge[{extra}]'  ({e})") from None
+
+
+def load(model: ModelLike | None, **embedder_kwargs: Any) -> Embedder:
+    """An ``Embedder`` from an artifact folder (or ``$BGE_EDGE_ARTIFACT``), or the one given."""
+    if isinstance(model, Embedder):
+        if embedder_kwargs:
+            raise TypeError(f"pass either a loaded Embedder or Embedder options, not both: {sorted(embedder_kwargs)}")
+        return model
+    if model is None:
+        model = os.environ.get("BGE_EDGE_ARTIFACT")
+        if not model:
+            raise ValueError("no model: pass an artifact folder (bge-edge export ... --out DIR) or set "
+                             "BGE_EDGE_ARTIFACT")
+    return Embedder(model, **embedder_kwargs)
+
+
+def query_prefix(embedder: Embedder, query_instruction: str | None) -> str:
+    """The text put before each query: ``query_instruction``, or the manifest's when None ("" for none)."""
+    return embedder.manifest.query_instruction if query_instruction is None else query_instruction
+
+
+def dense(embedder: Embedder, texts: Sequence[str], prefix: str = "", batch_size: int = 32,
+          max_length: int | None = None) -> list[list[float]]:
+    """Dense vectors as lists of Python floats (what the frameworks expect)."""
+    if not texts:
+        return []
+    items = [prefix + t for t in texts] if prefix else list(texts)
+    vecs = embedder.encode(items, batch_size=batch_size, max_length=max_length)["dense_vecs"]
+    return [[float(x) for x in v] for v in vecs.tolist()]
