@@ -92,11 +92,11 @@ def test_on_disk_collection_reopens_and_checks_its_vectors(m3: Embedder, bert_ar
 
 
 @pytest.mark.slow
-def test_scifact_minilm_dense_top10_equals_packed_index(minilm_artifact: Path, shared_dir: Path,
+def test_scifact_minilm_dense_top10_equals_packed_index(minilm_artifact: Path, scifact_dir: Path,
                                                         tmp_path: Path) -> None:
     from bench.retrieval import load_task
 
-    task = load_task(shared_dir / "data" / "scifact")
+    task = load_task(scifact_dir)
     docs, queries = task.docs[:600], task.queries[:30]  # a slice keeps the test lean; the ranking check is exact
     emb = Embedder(minilm_artifact, precision="int8", hash_cache=tmp_path)
     encoded = emb.encode_corpus(docs, batch_size=64)  # the same document vectors for both indexes
