@@ -1,0 +1,141 @@
+"""Hardening (issue 17): what a hostile or careless user can do to export, the runtime, the server and the
+installer, each written as the behaviour it must have. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _copy_source(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    (dest / "my-notes.txt").write_text("the user's own file")
+    return dest
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- 1. --force never deletes what export did not write ------------------------------------------------
+
+
+def test_force_refuses_to_replace_the_source_model(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from bge_edge.export import ExportError, export_model
+
+    src = _copy_source(tiny_bert_dir, tmp_path / "src")
+    before = _snapshot(src)
+    with pytest.raises(ExportError, match="not a bge-edge artifact|source model"):
+        export_model(src, src, ["fp32"], force=True, quiet=True)
+    assert _snapshot(src) == before
+
+
+def test_force_refuses_to_replace_the_folder_holding_the_models(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from bge_edge.export import ExportError, export_model
+
+    models = tmp_path / "models"
+    src = _copy_source(tiny_bert_dir, models / "src")
+    _copy_source(tiny_bert_dir, models / "sibling")
+    before = _snapshot(models)
+    with pytest.raises(ExportError, match="not a bge-edge artifact"):
+        export_model(src, models, ["fp32"], force=True, quiet=True)
+    assert _snapshot(models) == before
+
+
+def test_force_refuses_an_artifact_that_contains_the_source(tiny_bert_dir: Path, bert_artifact: Path,
+                                                           tmp_path: Path) -> None:
+    from bge_edge.export import ExportError, export_model
+
+    art = tmp_path / "art"
+    shutil.copytree(bert_artifact, art)
+    src = _copy_source(tiny_bert_dir, art / "src")
+    with pytest.raises(ExportError, match="contains the source model folder"):
+        export_model(src, art, ["fp32"], force=True, quiet=True)
+    assert (src / "my-notes.txt").is_file() and (art / "manifest.json").is_file()
+
+
+def test_force_refuses_an_artifact_holding_files_its_manifest_does_not_list(tiny_bert_dir: Path,
+                                                                            bert_artifact: Path,
+                                                                            tmp_path: Path) -> None:
+    from bge_edge.export import ExportError, export_model
+
+    art = tmp_path / "art"
+    shutil.copytree(bert_artifact, art)
+    (art / "results.csv").write_text("mine")
+    with pytest.raises(ExportError, match=r"does not list \(results.csv\)"):
+        export_model(tiny_bert_dir, art, ["fp32"], force=True, quiet=True)
+    assert (art / "results.csv").read_text() == "mine"
+
+
+# ---- 2. the final rename never clobbers what appeared during the export ----------------------------------
+
+
+def test_a_folder_created_at_out_during_the_export_is_left_alone(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from bge_edge.export import ExportError, export_model
+
+    out = tmp_path / "out"
+
+    def someone_writes_out(step: str) -> None:
+        if step == "fused":
+            out.mkdir()
+            (out / "theirs.txt").write_text("theirs")
+
+    with pytest.raises(ExportError, match="appeared while exporting"):
+        export_model(tiny_bert_dir, out, ["fp32"], quiet=True, _after_step=someone_writes_out)
+    assert (out / "theirs.txt").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # nothing half-written left
+
+
+def test_force_replaces_only_the_artifact_it_checked(tiny_bert_dir: Path, bert_artifact: Path,
+                                                     tmp_path: Path) -> None:
+    from bge_edge.export import ExportError, export_model
+
+    out = tmp_path / "out"
+    shutil.copytree(bert_artifact, out)
+
+    def swap(step: str) -> None:  # the checked artifact goes, a user folder takes its place
+        if step == "fused":
+            shutil.rmtree(out)
+            out.mkdir()
+            (out / "theirs.txt").write_text("theirs")
+
+    with pytest.raises(ExportError, match="appeared while exporting"):
+        export_model(tiny_bert_dir, out, ["fp32"], force=True, quiet=True, _after_step=swap)
+    assert (out / "theirs.txt").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_kill_between_the_two_renames_of_force_keeps_the_old_artifact(bert_artifact: Path,
+                                                                        tmp_path: Path) -> None:
+    from bge_edge.export import ExportError, export_model
+
+    pid = _dead_pid()  # the killed export: its old artifact moved aside, its new one not yet in place
+    shutil.copytree(bert_artifact, tmp_path / f".bge-edge-export-old-out-{pid}")
+    shutil.copytree(bert_artifact, tmp_path / f".bge-edge-export-out-{pid}")
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="already exists"):  # the next export finds the old artifact back
+        export_model("/nonexistent-model", out, ["fp32"], quiet=True)
+    assert _snapshot(out) == _snapshot(bert_artifact)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_force_replaces_an_artifact(tiny_bert_dir: Path, bert_artifact: Path, tmp_path: Path) -> None:
+    from bge_edge.export import export_model
+    from bge_edge.runtime import read_manifest
+
+    out = tmp_path / "out"
+    shutil.copytree(bert_artifact, out)
+    (out / "model.int8.onnx").write_bytes(b"stale")  # a listed file: part of the artifact, so replaceable
+    export_model(tiny_bert_dir, out, ["fp32"], force=True, quiet=True)
+    assert {g.precision for g in read_manifest(out).graphs} == {"fp32"} and not (out / "model.int8.onnx").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
