@@ -3,12 +3,14 @@ installer, each written as the behaviour it must have. Each test failed before i
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from bge_edge.runtime.errors import ArtifactError
 
 
 def _dead_pid() -> int:
@@ -139,3 +141,98 @@ def test_force_replaces_an_artifact(tiny_bert_dir: Path, bert_artifact: Path, tm
     export_model(tiny_bert_dir, out, ["fp32"], force=True, quiet=True)
     assert {g.precision for g in read_manifest(out).graphs} == {"fp32"} and not (out / "model.int8.onnx").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# ---- 6. every malformed manifest value is refused with its field's path -----------------------------------
+
+
+def _mutated(manifest: dict, path: str, value: object) -> dict:
+    d = json.loads(json.dumps(manifest))
+    *parents, last = path.split("/")
+    node = d
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return d
+
+
+MALFORMED = [  # (field path in the manifest, bad value, what the error must name)
+    ("graphs", [None], "graphs[0] must be an object, got null"),
+    ("files/tokenizer.json", None, "files['tokenizer.json'] must be an object"),
+    ("special_tokens/pad", "abc", "special_tokens.pad must be an integer"),
+    ("special_tokens/pad", [1], "special_tokens.pad must be an integer"),
+    ("special_tokens/pad", 10**30, "special_tokens.pad must be an integer"),
+    ("graphs/0/external_data", 5, "graphs[0].external_data must be an array"),
+    ("graphs/0/external_data", ["../../etc/passwd"], "graphs[0].external_data[0]"),
+    ("graphs/0/quantization", 5, "graphs[0].quantization must be an object"),
+    ("graphs/0/accuracy", [1, 2], "graphs[0].accuracy must be an object"),
+    ("graphs/0/opset", "17", "graphs[0].opset must be an integer"),
+    ("graphs/0/fused", "yes", "graphs[0].fused must be true or false"),
+    ("exporter", "x", "exporter must be an object"),
+    ("source", None, "source must be an object"),
+    ("hidden_size", 10**12, "hidden_size must be an integer from 1 to 65,536"),
+    ("hidden_size", -5, "hidden_size must be an integer"),
+    ("hidden_size", 0, "hidden_size must be an integer"),
+    ("hidden_size", 32.0, "hidden_size must be an integer"),
+    ("attention_heads", True, "attention_heads must be an integer"),
+    ("max_length", 0, "max_length must be an integer from 2"),
+    ("max_length", -1, "max_length must be an integer from 2"),
+    ("heads", ["dense", "dense"], "heads[1] repeats 'dense'"),
+    ("tokenizer", 5, "tokenizer must be a file path"),
+    ("created", 5, "created must be a string"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), MALFORMED, ids=[f"{f}={v!r:.20}" for f, v, _ in MALFORMED])
+def test_malformed_manifest_value_is_refused_with_its_field(bert_artifact: Path, tmp_path: Path, field: str,
+                                                            value: object, message: str) -> None:
+    from bge_edge.runtime import read_manifest
+
+    good = json.loads((bert_artifact / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps(_mutated(good, field, value)))
+    with pytest.raises(ArtifactError) as e:
+        read_manifest(tmp_path)
+    assert message in str(e.value) and "Re-export" in str(e.value)
+
+
+def test_every_malformed_field_is_listed_at_once(bert_artifact: Path, tmp_path: Path) -> None:
+    from bge_edge.runtime import read_manifest
+
+    d = json.loads((bert_artifact / "manifest.json").read_text())
+    for field, value in (("hidden_size", 0), ("max_length", -1), ("exporter", "x")):
+        d = _mutated(d, field, value)
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ArtifactError, match="hidden_size .*max_length .*exporter"):
+        read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("raw", ["[" * 100_000 + "]" * 100_000,
+                                 '{"schema_version": 1, "hidden_size": ' + "9" * 5000 + "}"],
+                         ids=["100k-deep", "5000-digit-integer"])
+def test_manifest_json_that_python_cannot_decode_is_refused(tmp_path: Path, raw: str) -> None:
+    from bge_edge.runtime import read_manifest
+
+    (tmp_path / "manifest.json").write_text(raw)
+    with pytest.raises(ArtifactError, match="is not valid JSON"):
+        read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "encode"])
+def test_cli_says_one_line_for_a_malformed_manifest(bert_artifact: Path, tmp_path: Path, command: str,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from bge_edge.cli import main
+
+    art = tmp_path / "art"
+    shutil.copytree(bert_artifact, art)
+    d = json.loads((art / "manifest.json").read_text())
+    (art / "manifest.json").write_text(json.dumps(_mutated(d, "special_tokens/pad", "abc")))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main([command, str(art)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bge-edge: error: manifest.json is malformed: special_tokens.pad") and err.count("\n") == 1
