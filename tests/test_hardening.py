@@ -4,6 +4,7 @@ installer, each written as the behaviour it must have. Each test failed before i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -236,3 +237,113 @@ def test_cli_says_one_line_for_a_malformed_manifest(bert_artifact: Path, tmp_pat
     assert main([command, str(art)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bge-edge: error: manifest.json is malformed: special_tokens.pad") and err.count("\n") == 1
+
+
+# ---- 4. cache problems cost a re-hash; an unreadable artifact file is named ------------------------------
+
+
+def _as_other_user(tmp_root: Path) -> list[str]:
+    """The command prefix that runs Python as an unprivileged user (root ignores permission bits)."""
+    if os.geteuid() != 0:
+        return [sys.executable]
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: permission bits cannot be tested")
+    for p in [tmp_root, *tmp_root.rglob("*")]:
+        os.chown(p, 65534, 65534, follow_symlinks=False)
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+
+
+@pytest.fixture()
+def world_tmp() -> Path:
+    """A folder under /tmp that an unprivileged user can enter (pytest's tmp_path is private to root)."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="bge-edge-hardening-"))
+    base.chmod(0o755)
+    yield base  # type: ignore[misc]
+    shutil.rmtree(base, ignore_errors=True)
+
+
+LOAD = ("import sys\nfrom bge_edge.runtime import Embedder\nfrom bge_edge.runtime.errors import BgeEdgeError\n"
+        "try:\n    m = Embedder(sys.argv[1], precision='fp32', hash_cache=sys.argv[2])\n"
+        "    print('loaded', m.encode('hello')['dense_vecs'].shape)\n"
+        "except BgeEdgeError as e:\n    print(type(e).__name__, e)\n")
+
+
+def test_an_unreadable_hash_cache_folder_only_costs_a_rehash(bert_artifact: Path, world_tmp: Path) -> None:
+    art, cache = world_tmp / "art", world_tmp / "cache"
+    shutil.copytree(bert_artifact, art)
+    (cache / "verified").mkdir(parents=True)
+    cmd = _as_other_user(world_tmp)
+    cache.chmod(0o700)
+    (cache / "verified").chmod(0o000)
+    r = subprocess.run([*cmd, "-c", LOAD, str(art), str(cache)], capture_output=True, text=True, timeout=120,
+                       cwd="/")
+    assert r.returncode == 0 and r.stdout.startswith("loaded (32,)"), r.stdout + r.stderr
+
+
+def test_an_unreadable_artifact_file_is_an_artifact_error_naming_it(bert_artifact: Path, world_tmp: Path) -> None:
+    art = world_tmp / "art"
+    shutil.copytree(bert_artifact, art)
+    cmd = _as_other_user(world_tmp)
+    (art / "model.fp32.onnx").chmod(0o000)
+    r = subprocess.run([*cmd, "-c", LOAD, str(art), str(world_tmp / "cache")], capture_output=True, text=True,
+                       timeout=120, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ArtifactError cannot read 'model.fp32.onnx'") and "permission" in r.stdout.lower()
+
+
+# ---- 10. the hash cache is per user and tied to the manifest ---------------------------------------------
+
+
+def _tamper_and_forge(art: Path, cache: Path, manifest_sha256: str | None) -> None:
+    """Alter the fp32 graph (same size), then write a cache entry claiming it matches the manifest."""
+    from bge_edge.runtime import read_manifest
+    from bge_edge.runtime.integrity import _cache_file, _manifest_digest, _stamp
+
+    m = read_manifest(art)
+    graph = art / "model.fp32.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-1] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    forged = {name: {"stamp": _stamp((art / name).stat()), "sha256": e.sha256} for name, e in m.files.items()}
+    cpath = _cache_file(cache, art)
+    cpath.parent.mkdir(parents=True, exist_ok=True)
+    cpath.write_text(json.dumps({"manifest_sha256": manifest_sha256 or _manifest_digest(m), "files": forged}))
+
+
+def test_a_cache_folder_other_users_can_write_is_not_trusted(bert_artifact: Path, tmp_path: Path) -> None:
+    from bge_edge.runtime import Embedder
+    from bge_edge.runtime.errors import IntegrityError
+
+    art, cache = tmp_path / "art", tmp_path / "cache"
+    shutil.copytree(bert_artifact, art)
+    _tamper_and_forge(art, cache, None)
+    (cache / "verified").chmod(0o777)
+    with pytest.warns(RuntimeWarning, match="can be written by other users"), \
+            pytest.raises(IntegrityError, match="model.fp32.onnx' has SHA-256"):
+        Embedder(art, precision="fp32", hash_cache=cache)
+
+
+def test_cache_entries_made_for_another_manifest_are_not_trusted(bert_artifact: Path, tmp_path: Path) -> None:
+    from bge_edge.runtime import Embedder
+    from bge_edge.runtime.errors import IntegrityError
+
+    art, cache = tmp_path / "art", tmp_path / "cache"
+    shutil.copytree(bert_artifact, art)
+    _tamper_and_forge(art, cache, "0" * 64)
+    with pytest.raises(IntegrityError, match="model.fp32.onnx' has SHA-256"):
+        Embedder(art, precision="fp32", hash_cache=cache)
+
+
+def test_the_cache_is_created_private_and_used(bert_artifact: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import stat
+
+    from bge_edge.runtime import Embedder, integrity
+
+    cache = tmp_path / "cache"
+    Embedder(bert_artifact, precision="fp32", hash_cache=cache)
+    assert stat.S_IMODE((cache / "verified").stat().st_mode) == 0o700
+    monkeypatch.setattr(integrity, "sha256_file", lambda p: pytest.fail(f"re-hashed {p}"))
+    Embedder(bert_artifact, precision="fp32", hash_cache=cache)
