@@ -12,7 +12,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union, overload
 
 import numpy as np
 
@@ -127,12 +127,16 @@ class Embedder:
         """
         single = isinstance(texts, str)
         items = self._check_texts(texts)
+        for name, flag in (("return_dense", return_dense), ("return_sparse", return_sparse),
+                           ("return_colbert_vecs", return_colbert_vecs), ("sort_by_length", sort_by_length)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise InputError(f"{name} must be True or False, got {flag!r:.40}.")
         self._check_heads(return_sparse, return_colbert_vecs)
         max_length = self._check_max_length(max_length)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
-            raise InputError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}.")
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r:.40}.")
+        if not isinstance(max_batch_tokens, int) or isinstance(max_batch_tokens, bool) or max_batch_tokens < 1:
+            raise InputError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r:.40}.")
         ids = self._tokenize(items, max_length)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         stats = EncodeStats(texts=len(items), tokens=int(lengths.sum()),
@@ -195,12 +199,13 @@ class Embedder:
         return self.encode(corpus, **kwargs)
 
     def compute_score(self, sentence_pairs: Sequence[tuple[str, str]] | tuple[str, str], batch_size: int = 256,
-                      max_query_length: int = 512, max_passage_length: int = 8192,
+                      max_query_length: int | None = 512, max_passage_length: int | None = 8192,
                       weights_for_different_modes: Sequence[float] | None = None) -> dict[str, Any]:
         """FlagEmbedding's ``compute_score``: dense, sparse, colbert and weighted combinations per pair.
 
         Keys ``dense``, ``sparse``, ``colbert``, ``sparse+dense``, ``colbert+sparse+dense`` for M3
-        artifacts (``dense`` only for dense artifacts); one pair gives floats, a list gives lists.
+        artifacts (``dense`` only for dense artifacts); one pair gives floats, a list gives lists. A max
+        length of None is the model's own; longer ones are capped at it.
         """
         from bge_edge.kernels import colbert_score, combine_scores, lexical_matching_score
 
@@ -211,8 +216,8 @@ class Embedder:
             if not (isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(s, str) for s in p)):
                 raise InputError(f"sentence_pairs[{k}] must be a (query, passage) pair of strings, got {p!r:.80}.")
         m3 = self.manifest.kind == "m3"
-        ql = min(max_query_length, self.max_length)
-        pl = min(max_passage_length, self.max_length)
+        ql = self._check_max_length(max_query_length, "max_query_length")
+        pl = self._check_max_length(max_passage_length, "max_passage_length")
         q = self.encode([p[0] for p in pairs], batch_size=batch_size, max_length=ql, return_sparse=m3,
                         return_colbert_vecs=m3)
         d = self.encode([p[1] for p in pairs], batch_size=batch_size, max_length=pl, return_sparse=m3,
@@ -233,18 +238,28 @@ class Embedder:
 
     def convert_id_to_token(self, lexical_weights: dict[str, Any] | list[dict[str, Any]]) -> Any:
         """Replace token-id keys by token strings (FlagEmbedding's helper), for reading sparse output."""
-        def one(d: dict[str, Any]) -> dict[str, Any]:
+        def one(d: Any, where: str) -> dict[str, Any]:
+            if not isinstance(d, dict):
+                raise InputError(f"{where} must be a dict of token id -> weight (lexical_weights from encode), got "
+                                 f"{type(d).__name__}.")
             out: dict[str, Any] = {}
             for k, v in d.items():
-                tok = self._tokenizer.id_to_token(int(k))
+                key = k if isinstance(k, str) else None
+                tid = int(key) if key is not None and key.isascii() and key.isdigit() and len(key) < 12 else \
+                    (k if isinstance(k, int) and not isinstance(k, bool) else -1)
+                tok = self._tokenizer.id_to_token(tid) if 0 <= tid < 2**31 else None
                 if tok is None:
-                    raise InputError(f"token id {k!r} is not in this model's vocabulary.")
+                    raise InputError(f"{where} key {k!r:.40} is not a token id of this model's vocabulary (keys are "
+                                     f"ids as strings, e.g. '{self._pad_id}', as encode returns them).")
                 out[tok] = v
             return out
 
         if isinstance(lexical_weights, dict):
-            return one(lexical_weights)
-        return [one(d) for d in lexical_weights]
+            return one(lexical_weights, "lexical_weights")
+        if isinstance(lexical_weights, (str, bytes)) or not isinstance(lexical_weights, (list, tuple)):
+            raise InputError(f"lexical_weights must be a dict or a list of dicts (encode's lexical_weights), got "
+                             f"{type(lexical_weights).__name__}.")
+        return [one(d, f"lexical_weights[{i}]") for i, d in enumerate(lexical_weights)]
 
     def info(self) -> dict[str, Any]:
         """What is loaded: artifact, graph, backend, providers, limits."""
@@ -281,16 +296,27 @@ class Embedder:
                                 f"{missing} output(s) need a BGE-M3 artifact. Set return_sparse/"
                                 f"return_colbert_vecs to False.")
 
-    def _check_max_length(self, max_length: int | None) -> int:
+    def _check_max_length(self, max_length: int | None, name: str = "max_length") -> int:
         if max_length is None:
             return self.max_length
         if not isinstance(max_length, int) or isinstance(max_length, bool) or not 2 <= max_length:
-            raise InputError(f"max_length must be an integer >= 2, got {max_length!r}.")
+            raise InputError(f"{name} must be an integer >= 2 or None (the model's {self.max_length}), got "
+                             f"{max_length!r:.40}.")
         return min(max_length, self.max_length)
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Tokens per text, special tokens included, before truncation (e.g. for a server's limits)."""
-        return [len(x) for x in self._token_ids(self._check_texts(list(texts)))]
+    @overload
+    def count_tokens(self, texts: str) -> int: ...  # type: ignore[overload-overlap]
+
+    @overload
+    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+
+    def count_tokens(self, texts: Texts) -> int | list[int]:
+        """Tokens per text, special tokens included, before truncation (e.g. for a server's limits).
+
+        A single string gives one count, a list a list of counts.
+        """
+        counts = [len(x) for x in self._token_ids(self._check_texts(texts))]
+        return counts[0] if isinstance(texts, str) else counts
 
     def _token_ids(self, items: list[str]) -> list[list[int]]:
         """Token ids of each text, untruncated; InputError naming the text for invalid Unicode."""

@@ -347,3 +347,44 @@ def test_the_cache_is_created_private_and_used(bert_artifact: Path, tmp_path: Pa
     assert stat.S_IMODE((cache / "verified").stat().st_mode) == 0o700
     monkeypatch.setattr(integrity, "sha256_file", lambda p: pytest.fail(f"re-hashed {p}"))
     Embedder(bert_artifact, precision="fp32", hash_cache=cache)
+
+
+# ---- 9. small API edges are clear InputErrors --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def m3_embedder(m3_artifact: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from bge_edge.runtime import Embedder
+
+    return Embedder(m3_artifact, precision="fp32", hash_cache=tmp_path_factory.mktemp("hc"))
+
+
+def test_count_tokens_of_one_string_counts_the_string_not_its_characters(m3_embedder) -> None:  # type: ignore[no-untyped-def]
+    n = m3_embedder.count_tokens("abc")
+    assert isinstance(n, int) and n == m3_embedder.count_tokens(["abc"])[0]
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda m: m.count_tokens(None), "texts must be a string or a list of strings"),
+    (lambda m: m.convert_id_to_token({"abc": 1}), "key 'abc' is not a token id"),
+    (lambda m: m.convert_id_to_token({"-1": 1}), "key '-1' is not a token id"),
+    (lambda m: m.convert_id_to_token({"99999999999999999999": 1}), "is not a token id"),
+    (lambda m: m.convert_id_to_token([None]), r"lexical_weights\[0\] must be a dict"),
+    (lambda m: m.convert_id_to_token("abc"), "lexical_weights must be a dict or a list of dicts"),
+    (lambda m: m.compute_score(("q", "p"), max_query_length="long"), "max_query_length must be an integer"),
+    (lambda m: m.encode("x", return_dense="no"), "return_dense must be True or False"),
+    (lambda m: m.encode("x", return_sparse=1), "return_sparse must be True or False"),
+    (lambda m: m.encode("x", max_batch_tokens=True), "max_batch_tokens must be a positive integer"),
+], ids=["count_tokens(None)", "id-abc", "id-minus-1", "id-huge", "list-of-None", "str", "max_query_length-str",
+        "return_dense-no", "return_sparse-1", "max_batch_tokens-True"])
+def test_bad_arguments_are_input_errors(m3_embedder, call, message: str) -> None:  # type: ignore[no-untyped-def]
+    from bge_edge.runtime.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        call(m3_embedder)
+
+
+def test_compute_score_max_length_none_means_the_models_own(m3_embedder) -> None:  # type: ignore[no-untyped-def]
+    a = m3_embedder.compute_score(("query", "passage"), max_query_length=None, max_passage_length=None)
+    b = m3_embedder.compute_score(("query", "passage"))
+    assert a == pytest.approx(b)
