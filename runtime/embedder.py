@@ -19,7 +19,7 @@ import numpy as np
 from . import heads
 from .batching import DEFAULT_BATCH_SIZE, DEFAULT_MEMORY_MB, LINEAR_ATTENTION_FROM, MAX_BATCH_TOKENS, plan_batches
 from .errors import ArtifactError, BackendError, InputError
-from .integrity import default_cache_dir, verify_files
+from .integrity import check_external_data, default_cache_dir, verify_files
 from .manifest import Manifest, read_manifest
 from .ov_session import SHAPES, OpenVINOSession
 from .session import choose_backend, create_session, parse_device, physical_cores
@@ -93,6 +93,8 @@ class Embedder:
         cache = default_cache_dir() if hash_cache is True else (Path(hash_cache) if hash_cache else None)
         tok_path, graph_path, *data = verify_files(
             self.root, self.manifest, [self.manifest.tokenizer, self.graph.file, *self.graph.external_data], cache)
+        if self.graph.format == "onnx":
+            check_external_data(self.root, self.graph.file, self.graph.external_data)
         from tokenizers import Tokenizer
 
         try:
@@ -107,6 +109,7 @@ class Embedder:
         else:
             self._session = create_session(graph_path, device=device, threads=threads, spin=spin)
         self.providers: list[str] = list(self._session.get_providers())
+        self._check_declared_outputs()
         sp = self.manifest.special_tokens
         self._pad_id = int(sp.get("pad") or 0)
         self._unused = [v for k in ("cls", "eos", "pad", "unk") if (v := sp.get(k)) is not None]
@@ -165,6 +168,7 @@ class Embedder:
         feeds = (self._feed(b.indices, b.length, ids) for b in batches)
         for b, out in zip(batches, self._run_many(outputs, feeds)):
             res = dict(zip(outputs, out))
+            self._check_outputs(res, b.indices, b.length)
             stats.padded_tokens += len(b.indices) * b.length
             stats.batch_shapes.append((len(b.indices), b.length))
             for row, i in enumerate(b.indices):
@@ -350,6 +354,51 @@ class Embedder:
             input_ids[row, : len(x)] = x
             mask[row, : len(x)] = 1
         return {"input_ids": input_ids, "attention_mask": mask}
+
+    def _expected_shapes(self, rows: int | None, length: int | None) -> dict[str, tuple[int | None, ...]]:
+        H = self.manifest.hidden_size
+        return {"dense": (rows, H), "sparse": (rows, length),
+                "colbert": (rows, None if length is None else length - 1, H)}
+
+    def _mismatch(self, name: str, got: Any, want: tuple[int | None, ...]) -> ArtifactError:
+        shown = tuple("?" if d is None else d for d in want)
+        return ArtifactError(f"the graph {self.graph.file} ({self.graph.format}/{self.precision}) has a {name!r} "
+                             f"output of shape {got}, but its manifest says {shown} (hidden_size "
+                             f"{self.manifest.hidden_size}): the graph does not belong to this manifest. Re-export "
+                             f"the artifact.")
+
+    def _check_declared_outputs(self) -> None:
+        """Once at load: the graph has the outputs the manifest's heads need, of the manifest's width."""
+        get_outputs = getattr(self._session, "get_outputs", None)
+        if get_outputs is None:  # OpenVINO: shapes are checked on every batch (_check_outputs)
+            return
+        declared = {o.name: list(o.shape or []) for o in get_outputs()}
+        for name, want in self._expected_shapes(None, None).items():
+            if name not in self.manifest.heads:
+                continue
+            if name not in declared:
+                raise ArtifactError(f"the graph {self.graph.file} has no {name!r} output (it has "
+                                    f"{sorted(declared)}), but its manifest lists the {name} head. Re-export the "
+                                    f"artifact.")
+            got = declared[name]
+            if len(got) != len(want) or any(isinstance(g, int) and w is not None and g != w
+                                            for g, w in zip(got, want)):
+                raise self._mismatch(name, tuple(got), want)
+
+    def _check_outputs(self, res: dict[str, np.ndarray], indices: np.ndarray, length: int) -> None:
+        """Every batch: outputs of the expected shapes, and finite (a NaN would become invalid JSON downstream)."""
+        for name, arr in res.items():
+            want = self._expected_shapes(len(indices), length)[name]
+            if arr.shape != want:
+                raise self._mismatch(name, arr.shape, want)
+            finite = np.isfinite(arr)
+            if not finite.all():
+                bad = indices[~finite.reshape(len(indices), -1).all(axis=1)]
+                which = ", ".join(f"texts[{int(i)}]" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+                raise BackendError(f"the model produced NaN or infinite values in its {name!r} output for {which} "
+                                   f"({self.graph.format}/{self.precision} graph {self.graph.file}); refusing to "
+                                   f"return them. The graph is broken or overflows at this precision: try "
+                                   f"precision='fp32', or re-export the artifact.")
 
     def _run_many(self, outputs: list[str], feeds: Iterator[dict[str, np.ndarray]]) -> Iterator[list[np.ndarray]]:
         if isinstance(self._session, OpenVINOSession):

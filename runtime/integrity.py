@@ -24,7 +24,7 @@ from typing import Any, Iterable
 from .errors import ArtifactError, IntegrityError
 from .manifest import Manifest, safe_member_path
 
-__all__ = ["sha256_file", "verify_files", "default_cache_dir"]
+__all__ = ["sha256_file", "verify_files", "default_cache_dir", "onnx_external_data", "check_external_data"]
 
 _CHUNK = 1 << 20  # 1 MiB reads: hashing runs at memory speed, RSS stays flat
 
@@ -170,3 +170,126 @@ def verify_files(root: Path, manifest: Manifest, names: Iterable[str], cache_dir
     if cpath is not None and changed:
         _write_cache(cpath, digest, cache)
     return paths
+
+
+# ---- ONNX external-data references ------------------------------------------------------------------------
+# An ONNX graph names its external-data files inside the protobuf (TensorProto.external_data "location"), and
+# ONNX Runtime opens whatever they name, relative to the graph. The manifest lists the files a graph may read,
+# so every reference is checked against that list before a session exists. The scan reads only field headers
+# (tensor payloads are skipped by length, through mmap), so it costs milliseconds even for large graphs.
+# Field numbers are onnx.proto's: message -> {field: sub-message} for the messages that can hold tensors.
+_ONNX_CHILDREN: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "function": {7: "node", 11: "attribute"},
+    "sparse": {1: "tensor", 2: "tensor"},
+    "tensor": {13: "entry"},
+    "entry": {},
+}
+_MAX_NESTING = 64  # graphs inside attributes inside graphs...: real models nest 2-3 deep
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _Malformed("truncated or overlong varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _scan(buf: memoryview, pos: int, end: int, kind: str, depth: int, out: list[str | None]) -> None:
+    """Append the external-data location of every tensor in ``buf[pos:end]`` (a ``kind`` message) to ``out``."""
+    if depth > _MAX_NESTING:
+        raise _Malformed("nested too deeply")
+    children = _ONNX_CHILDREN[kind]
+    location: str | None = None
+    external = False
+    entry: dict[int, str] = {}
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos, end)
+            if kind == "tensor" and field == 14:
+                external = value == 1  # DataLocation.EXTERNAL
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            size, pos = _varint(buf, pos, end)
+            if pos + size > end:
+                raise _Malformed("a field runs past the end of its message")
+            child = children.get(field)
+            if child == "entry":
+                pair: list[str | None] = []
+                _scan(buf, pos, pos + size, "entry", depth + 1, pair)
+                if len(pair) == 2 and pair[0] == "location":
+                    location = pair[1]
+            elif child is not None:
+                _scan(buf, pos, pos + size, child, depth + 1, out)
+            elif kind == "entry" and field in (1, 2):
+                try:
+                    entry[field] = bytes(buf[pos:pos + size]).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise _Malformed("an external-data entry is not UTF-8") from None
+            pos += size
+        else:
+            raise _Malformed(f"unsupported wire type {wire}")
+    if pos != end:
+        raise _Malformed("a field runs past the end of its message")
+    if kind == "entry":
+        out.extend([entry.get(1), entry.get(2)])
+    elif kind == "tensor" and (external or location is not None):
+        out.append(location)
+
+
+def onnx_external_data(path: Path) -> list[str | None]:
+    """The external-data locations an ONNX graph file refers to (None: an external tensor without one)."""
+    import mmap
+
+    out: list[str | None] = []
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise IntegrityError(f"{path.name} is empty: not an ONNX graph. Re-export the artifact.")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            buf = memoryview(mm)
+            try:
+                _scan(buf, 0, len(buf), "model", 0, out)
+            except _Malformed as e:
+                raise IntegrityError(f"{path.name} is not a well-formed ONNX graph ({e}); re-export the artifact.") \
+                    from None
+            finally:
+                buf.release()
+    return out
+
+
+def check_external_data(root: Path, graph_file: str, allowed: Iterable[str]) -> None:
+    """Refuse an ONNX graph that refers to an external-data file its manifest entry does not list."""
+    from posixpath import dirname, join, normpath
+
+    from .manifest import _plain_relative
+
+    listed = set(allowed)
+    for loc in dict.fromkeys(onnx_external_data(safe_member_path(root, graph_file))):
+        if loc is None:
+            raise IntegrityError(f"{graph_file!r} stores a tensor as external data without naming its file; "
+                                 f"refusing to load it. Re-export the artifact.")
+        rel = normpath(join(dirname(graph_file), loc)) if _plain_relative(loc) else None
+        if rel is None or rel not in listed:
+            raise IntegrityError(f"{graph_file!r} refers to the external-data file {loc[:120]!r}, which its "
+                                 f"manifest entry does not list (external_data: {sorted(listed)}); the runtime "
+                                 f"reads only files the manifest lists and verifies. Refusing to load it: "
+                                 f"re-export the artifact.")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from bge_edge.runtime.errors import ArtifactError
 
@@ -388,3 +389,131 @@ def test_compute_score_max_length_none_means_the_models_own(m3_embedder) -> None
     a = m3_embedder.compute_score(("query", "passage"), max_query_length=None, max_passage_length=None)
     b = m3_embedder.compute_score(("query", "passage"))
     assert a == pytest.approx(b)
+
+
+# ---- 7, 11. graphs that do not match their manifest ----------------------------------------------------------
+
+
+def _graph(width: int, nan: bool = False, external: str | None = None, path: Path | None = None):  # type: ignore[no-untyped-def]
+    """A dense-only ONNX graph: every text -> a constant row of ``width`` ones (NaN with ``nan``)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["m", "axis"], ["s"], keepdims=1),
+             helper.make_node("Sub", ["s", "s"], ["z"]),
+             helper.make_node("Div", ["z", "z"], ["v"]) if nan else helper.make_node("Add", ["z", "one"], ["v"]),
+             helper.make_node("Mul", ["v", "row"], ["dense"])]
+    inits = [numpy_helper.from_array(np.array([1], np.int64), "axis"),
+             numpy_helper.from_array(np.ones((1, 1), np.float32), "one"),
+             numpy_helper.from_array(np.ones((1, width), np.float32), "row")]
+    io = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
+          for n in ("input_ids", "attention_mask")]
+    g = helper.make_graph(nodes, "g", io, [helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["batch", None])],
+                          inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert path is not None
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external, size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def _artifact_with_graph(base: Path, dest: Path, **graph_args: object) -> Path:
+    """``base`` (a dense artifact) with its fp32 graph replaced by ``_graph(**graph_args)``, manifest re-hashed."""
+    from bge_edge.runtime.integrity import sha256_file
+
+    shutil.copytree(base, dest)
+    _graph(path=dest / "model.fp32.onnx", **graph_args)  # type: ignore[arg-type]
+    m = json.loads((dest / "manifest.json").read_text())
+    m["graphs"] = [dict(g, external_data=[]) for g in m["graphs"] if g["precision"] == "fp32" and g["format"] == "onnx"]
+    m["files"] = {name: {"size": (dest / name).stat().st_size, "sha256": sha256_file(dest / name)}
+                  for name in ("tokenizer.json", "model.fp32.onnx")}
+    (dest / "manifest.json").write_text(json.dumps(m))
+    return dest
+
+
+def test_a_graph_whose_output_width_is_not_the_hidden_size_is_refused(bert_artifact: Path, tmp_path: Path) -> None:
+    from bge_edge.runtime import Embedder
+
+    hidden = json.loads((bert_artifact / "manifest.json").read_text())["hidden_size"]
+    art = _artifact_with_graph(bert_artifact, tmp_path / "art", width=hidden + 3)
+    with pytest.raises(ArtifactError, match=rf"'dense' output of shape \('batch', {hidden + 3}\), but its manifest "
+                                            rf"says \('\?', {hidden}\)"):
+        Embedder(art, precision="fp32", hash_cache=False)  # refused at load: no broadcast error at encode
+
+
+def test_output_shapes_are_checked_on_every_batch(bert_artifact: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from bge_edge.runtime import Embedder
+
+    hidden = json.loads((bert_artifact / "manifest.json").read_text())["hidden_size"]
+    m = Embedder(bert_artifact, precision="fp32", hash_cache=False)
+    monkeypatch.setattr(m, "_session", type("Wide", (), {"run": lambda self, names, feeds: [
+        np.zeros((len(feeds["input_ids"]), hidden + 1), np.float32)]})())
+    with pytest.raises(ArtifactError, match=rf"'dense' output of shape \(2, {hidden + 1}\), but its manifest says "
+                                            rf"\(2, {hidden}\)"):
+        m.encode(["a", "b"])
+
+
+def test_a_graph_emitting_nan_is_refused_in_the_library_and_the_cli(bert_artifact: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from bge_edge.runtime import Embedder
+    from bge_edge.runtime.errors import BackendError
+
+    from bge_edge.cli import main
+
+    hidden = json.loads((bert_artifact / "manifest.json").read_text())["hidden_size"]
+    art = _artifact_with_graph(bert_artifact, tmp_path / "art", width=hidden, nan=True)
+    with pytest.raises(BackendError, match=r"NaN or infinite values in its 'dense' output for texts\[0\], texts\[1\]"):
+        Embedder(art, precision="fp32", hash_cache=False).encode(["a", "b"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a\nb\n"))
+    assert main(["encode", str(art), "--precision", "fp32"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "NaN or infinite" in out.err and out.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("location", ["weights.bin", "../data1.bin"])
+def test_a_graph_reading_external_data_the_manifest_does_not_list_is_refused(bert_artifact: Path, tmp_path: Path,
+                                                                             location: str) -> None:
+    from bge_edge.runtime import Embedder
+    from bge_edge.runtime.errors import IntegrityError
+    from bge_edge.runtime.integrity import sha256_file
+
+    from bge_edge.cli import main
+
+    hidden = json.loads((bert_artifact / "manifest.json").read_text())["hidden_size"]
+    saved = "x" * (len(location) - len("data1.bin")) + "data1.bin" if location.startswith("..") else location
+    art = _artifact_with_graph(bert_artifact, tmp_path / "art", width=hidden, external=saved)
+    if saved != location:  # onnx refuses to write '..': point the saved graph there byte for byte
+        (art / saved).rename(art / location)
+        graph = art / "model.fp32.onnx"
+        graph.write_bytes(graph.read_bytes().replace(saved.encode(), location.encode()))
+        m = json.loads((art / "manifest.json").read_text())
+        m["files"]["model.fp32.onnx"]["sha256"] = sha256_file(graph)
+        (art / "manifest.json").write_text(json.dumps(m))
+    assert (art / location).is_file()  # the file is there: only the manifest's word keeps it out
+    with pytest.raises(IntegrityError, match=f"refers to the external-data file '{location}', which its manifest"):
+        Embedder(art, precision="fp32", hash_cache=False)
+    assert main(["verify", str(art)]) == 2
+
+
+def test_external_data_the_manifest_lists_loads(bert_artifact: Path, tmp_path: Path) -> None:
+    from bge_edge.runtime import Embedder
+    from bge_edge.runtime.integrity import sha256_file
+
+    hidden = json.loads((bert_artifact / "manifest.json").read_text())["hidden_size"]
+    art = _artifact_with_graph(bert_artifact, tmp_path / "art", width=hidden, external="model.fp32.onnx.data")
+    m = json.loads((art / "manifest.json").read_text())
+    m["graphs"][0]["external_data"] = ["model.fp32.onnx.data"]
+    data = art / "model.fp32.onnx.data"
+    m["files"]["model.fp32.onnx.data"] = {"size": data.stat().st_size, "sha256": sha256_file(data)}
+    (art / "manifest.json").write_text(json.dumps(m))
+    assert Embedder(art, precision="fp32", hash_cache=False).encode("a")["dense_vecs"].shape == (hidden,)
