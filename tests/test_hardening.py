@@ -517,3 +517,48 @@ def test_external_data_the_manifest_lists_loads(bert_artifact: Path, tmp_path: P
     m["files"]["model.fp32.onnx.data"] = {"size": data.stat().st_size, "sha256": sha256_file(data)}
     (art / "manifest.json").write_text(json.dumps(m))
     assert Embedder(art, precision="fp32", hash_cache=False).encode("a")["dense_vecs"].shape == (hidden,)
+
+
+# ---- 12. the installer holds artifact.path to the rules of every bundle path -------------------------------
+
+
+def _tiny_bundle(root: Path, artifact: object) -> Path:
+    from bge_edge.bundle import installer
+
+    (root / "wheels").mkdir(parents=True)
+    (root / "wheels" / "a-1-py3-none-any.whl").write_bytes(b"wheel")
+    h = installer.sha256_file(root / "wheels" / "a-1-py3-none-any.whl")
+    (root / "requirements.lock").write_text(f"a==1 \\\n    --hash=sha256:{h}\n")
+    (root / "artifact").mkdir()
+    (root / "artifact" / "manifest.json").write_text("{}")
+    files = {rel: {"size": (root / rel).stat().st_size, "sha256": installer.sha256_file(root / rel)}
+             for rel in ("wheels/a-1-py3-none-any.whl", "requirements.lock", "artifact/manifest.json")}
+    (root / "bundle.json").write_text(json.dumps({"format": "bge-edge-bundle", "schema_version": 1,
+                                                  "files": files, "artifact": artifact}))
+    return root
+
+
+@pytest.mark.parametrize(("artifact", "message"), [
+    ({"path": "../elsewhere"}, "artifact.path '../elsewhere' is not a plain relative path"),
+    ({"path": "/opt/models/m3"}, "artifact.path '/opt/models/m3' is not a plain relative path"),
+    ({"path": "wheels"}, "not an artifact folder of this bundle"),
+    ({"path": 5}, "artifact.path is not a string"),
+    ({"path": "artifact", "smoke_precision": "--help"}, "smoke_precision"),
+    ("artifact", "'artifact' is not an object"),
+], ids=["dotdot", "absolute", "unlisted", "not-a-string", "smoke-precision", "not-an-object"])
+def test_the_installer_refuses_an_artifact_path_outside_the_bundle(tmp_path: Path, artifact: object,
+                                                                   message: str) -> None:
+    from bge_edge.bundle import installer
+
+    root = _tiny_bundle(tmp_path / "b", artifact)
+    with pytest.raises(installer.BundleInstallError, match=message):
+        installer.verify_bundle(root)
+    with pytest.raises(installer.BundleInstallError, match=message):  # install re-checks what it is given
+        installer.install(root, tmp_path / "venv", json.loads((root / "bundle.json").read_text()))
+    assert not (tmp_path / "venv").exists()
+
+
+def test_a_bundle_with_its_artifact_inside_is_accepted(tmp_path: Path) -> None:
+    from bge_edge.bundle import installer
+
+    installer.verify_bundle(_tiny_bundle(tmp_path / "b", {"path": "artifact", "smoke_precision": "int8"}))
