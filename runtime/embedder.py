@@ -26,6 +26,15 @@ from .session import choose_backend, create_session, parse_device, physical_core
 
 __all__ = ["Embedder", "EncodeStats"]
 
+# Long texts are tokenised only as far as the max length needs (Embedder._token_ids). Memory: tokenizers holds
+# ~200 B per character read (373 MB for one 1.95 M-character text, XLM-R-style Unigram tokenizer), so an M3
+# text (8,192 tokens) reads at most (8,192 + 16) * 8 = 66k characters (~13 MB) when it averages under 8
+# characters per token (English ~4.5, CJK ~1.5), and never more than 8,192 * 32 = 262k characters (~50 MB)
+# whatever it holds; a 512-token model at most 4k-16k characters (1-3 MB).
+CHARS_PER_TOKEN_FIRST = 8    # the first prefix read: this many characters per token wanted
+MAX_CHARS_PER_TOKEN = 32     # characters per token beyond which a text is cut unread (counted as truncated)
+TRUNCATION_MARGIN = 16       # tokens read past the limit, so that the cut word never reaches the kept tokens
+
 Texts = Union[str, Sequence[str]]
 
 
@@ -309,20 +318,27 @@ class Embedder:
         return min(max_length, self.max_length)
 
     @overload
-    def count_tokens(self, texts: str) -> int: ...  # type: ignore[overload-overlap]
+    def count_tokens(self, texts: str, limit: int | None = None) -> int: ...  # type: ignore[overload-overlap]
 
     @overload
-    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+    def count_tokens(self, texts: Sequence[str], limit: int | None = None) -> list[int]: ...
 
-    def count_tokens(self, texts: Texts) -> int | list[int]:
+    def count_tokens(self, texts: Texts, limit: int | None = None) -> int | list[int]:
         """Tokens per text, special tokens included, before truncation (e.g. for a server's limits).
 
-        A single string gives one count, a list a list of counts.
+        A single string gives one count, a list a list of counts. ``limit`` bounds the work for long texts
+        (see ``_token_ids``): counts up to ``limit`` are exact, a count above it only says the text is over
+        (it is a lower bound, and a text longer than ``limit * MAX_CHARS_PER_TOKEN`` characters counts as
+        ``limit + 1`` unless its first characters already hold more tokens).
         """
-        counts = [len(x) for x in self._token_ids(self._check_texts(texts))]
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 2):
+            raise InputError(f"limit must be an integer >= 2 or None, got {limit!r:.40}.")
+        counts = []
+        for x in self._token_ids(self._check_texts(texts), limit):
+            counts.append(max(len(x), limit + 1) if limit is not None and getattr(x, "capped", False) else len(x))
         return counts[0] if isinstance(texts, str) else counts
 
-    def _token_ids(self, items: list[str]) -> list[list[int]]:
+    def _encode_all(self, items: list[str]) -> list[list[int]]:
         """Token ids of each text, untruncated; InputError naming the text for invalid Unicode."""
         try:
             encs = self._tokenizer.encode_batch(items)
@@ -337,11 +353,46 @@ class Embedder:
             raise
         return [enc.ids for enc in encs]
 
+    def _token_ids(self, items: list[str], limit: int | None = None) -> list[Any]:
+        """Token ids of each text; with ``limit``, long texts are tokenised only as far as needed.
+
+        Tokenising costs memory and time in proportion to the characters read (tokenizers keeps offsets and
+        alignments per character: ~200 bytes each, measured), so a text longer than ``(limit + margin) *
+        CHARS_PER_TOKEN_FIRST`` characters is tokenised by prefixes, cut at whitespace and doubled until they
+        hold ``limit + TRUNCATION_MARGIN`` tokens (then the first ``limit`` tokens are those of the whole text)
+        or reach the text's end, and never beyond ``limit * MAX_CHARS_PER_TOKEN`` characters (``_Prefix``,
+        ``capped``: the rest of the text is not read).
+        """
+        if limit is None:
+            return self._encode_all(items)
+        need = limit + TRUNCATION_MARGIN
+        first, cap = need * CHARS_PER_TOKEN_FIRST, limit * MAX_CHARS_PER_TOKEN
+        out: list[Any] = [None] * len(items)
+        short = [k for k, t in enumerate(items) if len(t) <= first]
+        for k, ids in zip(short, self._encode_all([items[k] for k in short])):
+            out[k] = ids
+        for k, text in enumerate(items):
+            if out[k] is not None:
+                continue
+            width = first
+            while True:
+                cut = _cut_at_space(text, width)
+                if len(cut) == len(text):  # the prefix reached the end: the whole text
+                    out[k] = self._encode_all([text])[0]
+                    break
+                ids = self._encode_all([cut])[0]
+                if len(ids) >= need or width >= cap:
+                    out[k] = _Prefix(ids, capped=len(ids) < need)
+                    break
+                width = min(2 * width, cap)
+        return out
+
     def _tokenize(self, items: list[str], max_length: int) -> list[Any]:
         out = []
-        for x in self._token_ids(items):
-            if len(x) > max_length:  # same as tokenizers' truncation: content cut, closing special kept
-                x = _Truncated(x[: max_length - 1] + x[-1:])
+        for x in self._token_ids(items, max_length):
+            if len(x) > max_length or getattr(x, "capped", False):
+                # same as tokenizers' truncation: content cut, closing special kept
+                x = _Truncated(x[: max_length - 1] + x[-1:] if len(x) > max_length else x)
             out.append(x)
         return out
 
@@ -418,3 +469,24 @@ class _Truncated(list):  # type: ignore[type-arg]
     """Token ids of a text that was cut at max_length."""
 
     truncated = True
+
+
+class _Prefix(list):  # type: ignore[type-arg]
+    """Token ids of the start of a text (``_token_ids``); ``capped``: the text was cut at the character bound
+    before it reached ``limit + TRUNCATION_MARGIN`` tokens."""
+
+    def __init__(self, ids: list[int], capped: bool) -> None:
+        super().__init__(ids)
+        self.capped = capped
+
+
+def _cut_at_space(text: str, width: int) -> str:
+    """``text[:width]``, shortened to end before its last whitespace in the second half (a word is not split, so
+    the pre-tokeniser sees the same words as in the whole text); a text without one there is cut at ``width``."""
+    if len(text) <= width:
+        return text
+    head = text[:width]
+    for k in range(width - 1, width // 2, -1):
+        if head[k].isspace():
+            return head[:k]
+    return head

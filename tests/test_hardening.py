@@ -562,3 +562,128 @@ def test_a_bundle_with_its_artifact_inside_is_accepted(tmp_path: Path) -> None:
     from bge_edge.bundle import installer
 
     installer.verify_bundle(_tiny_bundle(tmp_path / "b", {"path": "artifact", "smoke_precision": "int8"}))
+
+
+# ---- 3. a long text costs memory in proportion to the max length, not to its size ----------------------------
+
+
+def _english(chars: int, seed: int = 0) -> str:
+    import random
+
+    rng = random.Random(seed)
+    words = "science protein cell gene study results patients effect treatment data model passage".split()
+    out, n = [], 0
+    while n < chars:
+        w = rng.choice(words)
+        out.append(w)
+        n += len(w) + 1
+    return " ".join(out)[:chars]
+
+
+@pytest.mark.parametrize("kind", ["english", "no-spaces", "cjk"])
+def test_truncating_tokenisation_keeps_the_tokens_of_the_whole_text(m3_embedder, kind: str) -> None:  # type: ignore[no-untyped-def]
+    text = {"english": _english(200_000), "no-spaces": "ab" * 100_000,
+            "cjk": "模型将每个段落编码为稠密稀疏和多向量表示以便检索" * 8_000}[kind]
+    full = m3_embedder._tokenizer.encode(text).ids
+    for max_length in (64, 512, 8192):
+        got = m3_embedder._tokenize([text], max_length)[0]
+        want = full[: max_length - 1] + full[-1:]
+        assert list(got) == want and got.truncated, (kind, max_length)
+
+
+def test_counting_a_huge_text_reads_only_what_the_limit_needs(m3_embedder,  # type: ignore[no-untyped-def]
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from bge_edge.runtime.embedder import MAX_CHARS_PER_TOKEN
+
+    read: list[int] = []
+    real = m3_embedder._encode_all
+    monkeypatch.setattr(m3_embedder, "_encode_all", lambda items: read.extend(map(len, items)) or real(items))
+    text = _english(1_950_000)
+    n = m3_embedder.count_tokens(text, limit=512)
+    assert n > 512 and sum(read) < 512 * MAX_CHARS_PER_TOKEN  # the issue's text: 1.95 M characters, not read
+    read.clear()
+    assert m3_embedder.count_tokens("x" * 1_950_000, limit=512) == 513  # no tokens to be found: cut unread
+    assert sum(read) <= 2 * 512 * MAX_CHARS_PER_TOKEN
+    short = _english(3_000)
+    assert m3_embedder.count_tokens(short, limit=8192) == m3_embedder.count_tokens(short)  # exact under the limit
+    res = m3_embedder.encode(text, max_length=64)
+    assert res["dense_vecs"].shape == (32,) and m3_embedder.last_stats.truncated == 1
+
+
+# ---- 3, 8. the server: oversize bodies, disconnects, settings --------------------------------------------------
+
+
+def test_a_body_over_the_byte_limit_gets_its_413_not_a_connection_reset(bert_artifact: Path) -> None:
+    import http.client
+
+    from test_serve_process import serve  # type: ignore[import-not-found]
+
+    with serve(bert_artifact, "--max-request-bytes", "100000") as s:
+        host, port = s.url.rsplit("/", 1)[1].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        body = b'{"input": "' + b"a" * 50_000_000 + b'"}'  # 50 MB, sent while the server has already refused it
+        conn.request("POST", "/v1/embeddings", body=body, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 413 and r.getheader("Connection") == "close"
+        assert json.loads(r.read())["error"]["code"] == "payload_too_large"
+        conn.close()
+        assert httpx_get(s.url + "/health") == 200  # and the server goes on
+
+
+def httpx_get(url: str) -> int:
+    import httpx
+
+    return httpx.get(url, timeout=10).status_code
+
+
+def test_a_client_that_disconnects_mid_body_is_counted_as_a_disconnect_not_a_500(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import logging
+
+    from test_serve import make, running  # type: ignore[import-not-found]
+
+    app, _ = make()
+
+    async def main() -> str:
+        async with running(app) as c:
+            incoming = [{"type": "http.request", "body": b'{"inputs": "half a bo', "more_body": True},
+                        {"type": "http.disconnect"}]
+            sent: list[dict] = []
+
+            async def receive() -> dict:
+                return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+            async def send(message: dict) -> None:
+                sent.append(message)
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": "/embed", "raw_path": b"/embed", "query_string": b"", "root_path": "",
+                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+                     "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80)}
+            await app(scope, receive, send)
+            return (await c.get("/metrics")).text
+
+    with caplog.at_level(logging.INFO, logger="bge_edge.serve"):
+        metrics = asyncio.run(main())
+    assert 'bge_edge_requests_total{endpoint="/embed",code="499"} 1' in metrics
+    assert 'bge_edge_client_disconnects_total{endpoint="/embed"} 1' in metrics
+    assert 'code="500"' not in metrics and 'status="500"' not in metrics
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0, 1e9])
+def test_shutdown_timeout_must_be_a_finite_number_of_seconds(value: float) -> None:
+    from bge_edge.serve import ConfigError, ServeConfig
+
+    with pytest.raises(ConfigError, match="--shutdown-timeout must be a finite number of seconds from 0 to 86,400"):
+        ServeConfig(shutdown_timeout=value).check()
+
+
+def test_serve_cli_refuses_an_infinite_shutdown_timeout_in_one_line(bert_artifact: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from bge_edge.cli import main
+
+    assert main(["serve", str(bert_artifact), "--shutdown-timeout", "inf"]) == 2
+    err = capsys.readouterr().err
+    assert "--shutdown-timeout must be a finite number" in err and err.count("\n") == 1
