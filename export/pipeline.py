@@ -183,6 +183,86 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
+# Disk space an export needs, in units of the model's fp32 weight bytes F (measured on tiny and full-shape
+# models: the plain traced graph and the fused fp32 graph are ~F each and exist together; int8 ~0.3 F, fp16
+# ~0.5 F; OpenVINO adds its own fp32/fp16/int8 (+ a weight-only int8 candidate)), plus 10 % and 64 MiB.
+_SPACE_ONNX = {"fp32": 0.0, "int8": 0.35, "fp16": 0.5}   # beyond the 2 F of trace + fused fp32
+_SPACE_OPENVINO = {"fp32": 1.0, "int8": 0.7, "fp16": 0.5}
+_SPACE_SLACK = 64 << 20
+_DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_DISK_WORDS = ("No space left on device", "File too large", "Disk quota exceeded")
+
+
+def _weights_fp32_bytes(source: Path) -> int:
+    """The source's weights as fp32 bytes (half-precision checkpoints count double)."""
+    import json
+
+    total = sum(p.stat().st_size for p in source.glob("*") if p.suffix in (".safetensors", ".bin", ".pt")
+                and p.is_file())
+    try:
+        dtype = json.loads((source / "config.json").read_text(encoding="utf-8")).get("torch_dtype")
+    except (OSError, ValueError, AttributeError):
+        dtype = None
+    return total * 2 if dtype in ("float16", "bfloat16") else total
+
+
+def _space_needed(source: Path, precisions: Sequence[str], formats: Sequence[str]) -> tuple[int, int]:
+    """(bytes of free disk the export needs at its peak, bytes of its largest single file), estimated."""
+    f = _weights_fp32_bytes(source)
+    units = 2.0 + (sum(_SPACE_ONNX[p] for p in precisions) if "onnx" in formats else 0.0)
+    if "openvino" in formats:
+        units += sum(_SPACE_OPENVINO[p] for p in precisions)
+    return int(f * units * 1.1) + _SPACE_SLACK, int(f * 1.05)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _check_space(out: Path, need: int, largest: int) -> None:
+    """Refuse early when the export clearly cannot fit: too little free space, or a smaller ``ulimit -f``."""
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return
+    if free < need:
+        raise ExportError(f"not enough disk space: this export needs about {_gb(need)} free at {probe} (graphs "
+                          f"written side by side before the final rename), and {_gb(free)} is free. Free some "
+                          f"space, export fewer precisions/formats, or choose an --out on another disk.")
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return
+    if soft != resource.RLIM_INFINITY and soft < largest:
+        raise ExportError(f"the file size limit (ulimit -f) is {_gb(soft)}, and this export writes files of about "
+                          f"{_gb(largest)}; raise it (ulimit -f unlimited) and export again.")
+
+
+def _disk_error(e: Exception, tmp: Path, need: int) -> ExportError | None:
+    """An ExportError saying the disk filled (or a file-size limit was hit) if that is what ``e`` came from."""
+    text = str(e)
+    hit = isinstance(e, OSError) and e.errno in _DISK_ERRNOS or any(w in text for w in _DISK_WORDS)
+    if not hit:  # libraries that swallow the OSError fail later with their own error (a protobuf DecodeError
+        try:     # reading back a truncated file): judge by what is left on the disk
+            hit = shutil.disk_usage(tmp).free < _SPACE_SLACK
+        except OSError:
+            hit = False
+    if not hit:
+        return None
+    if isinstance(e, OSError) and e.errno == errno.EFBIG or "File too large" in text:
+        return ExportError(f"the export hit the file size limit (ulimit -f) writing into {tmp.parent} "
+                           f"({type(e).__name__}: {text[:160]}); nothing was written. Raise the limit "
+                           f"(ulimit -f unlimited) and export again.")
+    return ExportError(f"the disk filled up during the export into {tmp.parent} ({type(e).__name__}: {text[:160]}); "
+                       f"nothing was written. This export needs about {_gb(need)} free there: free some space or "
+                       f"choose an --out on another disk.")
+
+
 def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -244,6 +324,8 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str],
     _check_not_source(out, path)
     src = inspect_model(path, model_id, revision, kind=kind, query_instruction=query_instruction,
                         max_length=max_length)
+    need, largest = _space_needed(src.path, precisions, formats)
+    _check_space(out, need, largest)
     log.say(f"exporting {model_id} as kind={src.kind} heads={list(src.heads)} pooling={src.pooling} "
             f"max_length={src.max_length} -> {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -253,8 +335,11 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str],
     try:
         manifest = _export_into(src, tmp, precisions, formats, min_int8_cosine, log, note)
         _finalize(tmp, out, replace)
-    except BaseException:
+    except BaseException as e:
+        disk = _disk_error(e, tmp, need) if isinstance(e, Exception) and not isinstance(e, ArtifactError) else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk is not None:
+            raise disk from None
         raise
     log.say(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return manifest

@@ -687,3 +687,69 @@ def test_serve_cli_refuses_an_infinite_shutdown_timeout_in_one_line(bert_artifac
     assert main(["serve", str(bert_artifact), "--shutdown-timeout", "inf"]) == 2
     err = capsys.readouterr().err
     assert "--shutdown-timeout must be a finite number" in err and err.count("\n") == 1
+
+
+# ---- 5. a full disk or a file-size limit: one clear message, refused early when it clearly cannot fit -----------
+
+
+def test_export_refuses_early_when_the_disk_clearly_cannot_hold_it(tiny_bert_dir: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections import namedtuple
+
+    from bge_edge.export import ExportError, export_model, pipeline
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(ExportError, match=r"needs about .* free at .* and 1.0 MB is free"):
+        export_model(tiny_bert_dir, tmp_path / "out", ["fp32", "int8"], quiet=True,
+                     _after_step=lambda step: pytest.fail("started exporting"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_under_a_small_ulimit_f_is_refused_in_one_line(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    r = subprocess.run([sys.executable, "-m", "bge_edge.cli", "export", str(tiny_bert_dir), "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert r.returncode == 2 and "ulimit -f" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("failure", "free", "message"), [
+    (OSError(28, "No space left on device"), 10**9, "the disk filled up during the export"),
+    (OSError(27, "File too large"), 10**9, "the export hit the file size limit"),
+    (RuntimeError("onnx: [ONNXRuntimeError] ... No space left on device"), 10**9, "the disk filled up"),
+    (ValueError("Error parsing message (protobuf DecodeError)"), 10**6, "the disk filled up"),
+], ids=["ENOSPC", "EFBIG", "wrapped", "decode-error-at-low-space"])
+def test_a_disk_filling_during_the_export_is_one_clear_error(tiny_bert_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch, failure: Exception,
+                                                             free: int, message: str) -> None:
+    from collections import namedtuple
+
+    from bge_edge.export import ExportError, export_model, pipeline
+
+    usage = namedtuple("usage", "total used free")
+
+    def fill(step: str) -> None:
+        if step == "traced":
+            monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: usage(10**10, 10**10 - free, free))
+            raise failure
+
+    with pytest.raises(ExportError, match=message):
+        export_model(tiny_bert_dir, tmp_path / "out", ["fp32"], quiet=True, _after_step=fill)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_ordinary_failure_with_room_on_the_disk_is_not_called_a_full_disk(tiny_bert_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    from bge_edge.export import export_model
+
+    def fail(step: str) -> None:
+        if step == "traced":
+            raise ValueError("some bug")
+
+    with pytest.raises(ValueError, match="some bug"):
+        export_model(tiny_bert_dir, tmp_path / "out", ["fp32"], quiet=True, _after_step=fail)
