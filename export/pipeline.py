@@ -314,8 +314,9 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str],
                                     f"pip install 'bge-edge[export,openvino]'")
     out = Path(out).expanduser().absolute()
     _clean_stale_tmp(out.parent)  # first: puts back an artifact that a killed --force had moved aside
-    if Path(model).expanduser().exists():  # a local source: say so before anything else about --out
-        _check_not_source(out, Path(model).expanduser())
+    local = os.path.expanduser(str(model))
+    if os.path.exists(local):  # a local source: say so before anything else about --out
+        _check_not_source(out, Path(local))
     replace = _check_out(out, force)
     log = _Progress(stream or sys.stderr, quiet)
     note = _after_step or (lambda step: None)
