@@ -151,11 +151,14 @@ def _verify(a: argparse.Namespace) -> int:
         print(verify_bundle(a.artifact))
         return 0
     from bge_edge.runtime import read_manifest
-    from bge_edge.runtime.integrity import verify_files
+    from bge_edge.runtime.integrity import check_external_data, verify_files
 
     m = read_manifest(a.artifact)
     root = Path(a.artifact)
     verify_files(root, m, list(m.files), cache_dir=None)
+    for g in m.graphs:
+        if g.format == "onnx":
+            check_external_data(root, g.file, g.external_data)
     unlisted = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                       if p.is_file() and p.name != "manifest.json" and p.relative_to(root).as_posix() not in m.files)
     total = sum(e.size for e in m.files.values())

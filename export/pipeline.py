@@ -8,6 +8,7 @@ the temporary folder, so ``--out`` is either the whole artifact or absent.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import importlib.util
 import os
@@ -57,12 +58,20 @@ class _Progress:
             print(f"  {msg}", file=self.stream, flush=True)
 
 
-def _check_out(out: Path, force: bool) -> None:
+def _check_out(out: Path, force: bool) -> tuple[int, int] | None:
+    """Refuse an unusable --out; with --force, return the (device, inode) of the artifact folder to replace.
+
+    ``--force`` replaces only a folder that a bge-edge export wrote: it has a manifest.json naming every file
+    in it, so nothing the user put there (a source model, other models, their files) is ever deleted.
+    """
     try:
+        if out.is_symlink():
+            raise ExportError(f"--out {out} is a link; pass the folder itself, or remove the link.")
         if out.exists() and not force:
             raise ExportError(f"--out {out} already exists; choose another folder or pass --force to replace it.")
         if out.exists() and not out.is_dir():
             raise ExportError(f"--out {out} exists and is not a folder; remove it or choose another path.")
+        replace = _artifact_identity(out) if out.exists() else None
         probe = out.parent
         while not probe.exists():
             probe = probe.parent
@@ -72,20 +81,186 @@ def _check_out(out: Path, force: bool) -> None:
             from None
     if not writable:
         raise ExportError(f"cannot write --out {out}: {probe} is not a writable folder. Choose a writable path.")
+    return replace
+
+
+def _artifact_identity(out: Path) -> tuple[int, int]:
+    """(device, inode) of ``out`` if it is a bge-edge artifact holding only the files its manifest lists."""
+    import json
+
+    refuse = f"--out {out} is not a bge-edge artifact folder, and --force replaces only those: "
+    manifest = out / MANIFEST_NAME
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(refuse + f"it has no {MANIFEST_NAME}. Nothing was deleted; choose another --out, or "
+                                   f"remove the folder yourself if you mean to.") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ExportError(refuse + f"its {MANIFEST_NAME} is not a bge-edge manifest. Nothing was deleted; choose "
+                                   f"another --out.") from None
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or not isinstance(data.get("schema_version"), int):
+        raise ExportError(refuse + f"its {MANIFEST_NAME} is not a bge-edge manifest. Nothing was deleted; choose "
+                                   f"another --out.")
+    foreign = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                     if (p.is_file() or p.is_symlink()) and p != manifest
+                     and p.relative_to(out).as_posix() not in files)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise ExportError(refuse + f"it holds files its manifest does not list ({', '.join(foreign[:3])}{more}). "
+                                   f"Nothing was deleted; move those files out, or choose another --out.")
+    st = out.stat()
+    return st.st_dev, st.st_ino
+
+
+def _check_not_source(out: Path, source: Path) -> None:
+    """--out may not be the source model folder, contain it, or lie inside it when it is to be replaced."""
+    o, s = os.path.realpath(out), os.path.realpath(source)
+    if o == s or s.startswith(o.rstrip(os.sep) + os.sep):
+        raise ExportError(f"--out {out} {'is' if o == s else 'contains'} the source model folder {source}; "
+                          f"exporting there would delete the source. Choose another --out.")
+    if os.path.exists(o) and o.startswith(s.rstrip(os.sep) + os.sep):
+        raise ExportError(f"--out {out} lies inside the source model folder {source}; --force will not replace "
+                          f"anything there. Choose an --out outside the source folder.")
+
+
+_OLD = "old-"  # .bge-edge-export-old-NAME-PID: the artifact --force is replacing, between the two renames
 
 
 def _clean_stale_tmp(parent: Path) -> None:
-    """Remove temporary folders left by exports that were killed (their process no longer exists)."""
+    """Tidy what exports that were killed left (their process no longer exists).
+
+    A killed export's temporary folder is removed. An artifact that a killed ``--force`` had moved aside
+    (``.bge-edge-export-old-NAME-PID``) is put back at NAME when nothing is there, so a kill between the two
+    renames never loses both the old and the new artifact; it is removed only when NAME holds an artifact again.
+    """
     if not parent.is_dir():
         return
-    for p in parent.glob(_TMP_PREFIX + "*"):
+    for p in sorted(parent.glob(_TMP_PREFIX + "*"), key=lambda q: not q.name.startswith(_TMP_PREFIX + _OLD)):
         try:
-            pid = int(p.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)
+            stem, pid_text = p.name[len(_TMP_PREFIX):].rsplit("-", 1)
+            os.kill(int(pid_text), 0)
+            continue  # its export is still running
         except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
             pass
+        except (ValueError, IndexError, PermissionError, OverflowError):
+            continue
+        if stem.startswith(_OLD) and stem[len(_OLD):]:
+            target = parent / stem[len(_OLD):]
+            if not os.path.lexists(target):
+                try:
+                    _rename_noreplace(p, target)
+                    continue
+                except OSError:
+                    continue  # leave it for the user rather than guess
+            if not (target / MANIFEST_NAME).is_file():
+                continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, failing with FileExistsError if ``dst`` exists (never replacing it).
+
+    Linux: renameat2(RENAME_NOREPLACE), atomic. Elsewhere (or on file systems without it), os.rename after
+    a check: POSIX rename of a folder never replaces a non-empty folder, Windows never replaces anything.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+        except (OSError, AttributeError):
+            fn = None
+        if fn is not None:
+            at_fdcwd, noreplace = -100, 1
+            if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), noreplace) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # supported: a real failure
+                raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+# Disk space an export needs, in units of the model's fp32 weight bytes F (measured on tiny and full-shape
+# models: the plain traced graph and the fused fp32 graph are ~F each and exist together; int8 ~0.3 F, fp16
+# ~0.5 F; OpenVINO adds its own fp32/fp16/int8 (+ a weight-only int8 candidate)), plus 10 % and 64 MiB.
+_SPACE_ONNX = {"fp32": 0.0, "int8": 0.35, "fp16": 0.5}   # beyond the 2 F of trace + fused fp32
+_SPACE_OPENVINO = {"fp32": 1.0, "int8": 0.7, "fp16": 0.5}
+_SPACE_SLACK = 64 << 20
+_DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_DISK_WORDS = ("No space left on device", "File too large", "Disk quota exceeded")
+
+
+def _weights_fp32_bytes(source: Path) -> int:
+    """The source's weights as fp32 bytes (half-precision checkpoints count double)."""
+    import json
+
+    total = sum(p.stat().st_size for p in source.glob("*") if p.suffix in (".safetensors", ".bin", ".pt")
+                and p.is_file())
+    try:
+        dtype = json.loads((source / "config.json").read_text(encoding="utf-8")).get("torch_dtype")
+    except (OSError, ValueError, AttributeError):
+        dtype = None
+    return total * 2 if dtype in ("float16", "bfloat16") else total
+
+
+def _space_needed(source: Path, precisions: Sequence[str], formats: Sequence[str]) -> tuple[int, int]:
+    """(bytes of free disk the export needs at its peak, bytes of its largest single file), estimated."""
+    f = _weights_fp32_bytes(source)
+    units = 2.0 + (sum(_SPACE_ONNX[p] for p in precisions) if "onnx" in formats else 0.0)
+    if "openvino" in formats:
+        units += sum(_SPACE_OPENVINO[p] for p in precisions)
+    return int(f * units * 1.1) + _SPACE_SLACK, int(f * 1.05)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _check_space(out: Path, need: int, largest: int) -> None:
+    """Refuse early when the export clearly cannot fit: too little free space, or a smaller ``ulimit -f``."""
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return
+    if free < need:
+        raise ExportError(f"not enough disk space: this export needs about {_gb(need)} free at {probe} (graphs "
+                          f"written side by side before the final rename), and {_gb(free)} is free. Free some "
+                          f"space, export fewer precisions/formats, or choose an --out on another disk.")
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return
+    if soft != resource.RLIM_INFINITY and soft < largest:
+        raise ExportError(f"the file size limit (ulimit -f) is {_gb(soft)}, and this export writes files of about "
+                          f"{_gb(largest)}; raise it (ulimit -f unlimited) and export again.")
+
+
+def _disk_error(e: Exception, tmp: Path, need: int) -> ExportError | None:
+    """An ExportError saying the disk filled (or a file-size limit was hit) if that is what ``e`` came from."""
+    text = str(e)
+    hit = isinstance(e, OSError) and e.errno in _DISK_ERRNOS or any(w in text for w in _DISK_WORDS)
+    if not hit:  # libraries that swallow the OSError fail later with their own error (a protobuf DecodeError
+        try:     # reading back a truncated file): judge by what is left on the disk
+            hit = shutil.disk_usage(tmp).free < _SPACE_SLACK
+        except OSError:
+            hit = False
+    if not hit:
+        return None
+    if isinstance(e, OSError) and e.errno == errno.EFBIG or "File too large" in text:
+        return ExportError(f"the export hit the file size limit (ulimit -f) writing into {tmp.parent} "
+                           f"({type(e).__name__}: {text[:160]}); nothing was written. Raise the limit "
+                           f"(ulimit -f unlimited) and export again.")
+    return ExportError(f"the disk filled up during the export into {tmp.parent} ({type(e).__name__}: {text[:160]}); "
+                       f"nothing was written. This export needs about {_gb(need)} free there: free some space or "
+                       f"choose an --out on another disk.")
 
 
 def _versions() -> dict[str, str]:
@@ -139,25 +314,34 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str],
             raise MissingExtraError(f"--format openvino needs {', '.join(missing)}, not installed: run "
                                     f"pip install 'bge-edge[export,openvino]'")
     out = Path(out).expanduser().absolute()
-    _check_out(out, force)
+    _clean_stale_tmp(out.parent)  # first: puts back an artifact that a killed --force had moved aside
+    local = os.path.expanduser(str(model))
+    if os.path.exists(local):  # a local source: say so before anything else about --out
+        _check_not_source(out, Path(local))
+    replace = _check_out(out, force)
     log = _Progress(stream or sys.stderr, quiet)
     note = _after_step or (lambda step: None)
     t0 = time.perf_counter()
     path, model_id, revision = resolve_model(str(model), model_id)
+    _check_not_source(out, path)
     src = inspect_model(path, model_id, revision, kind=kind, query_instruction=query_instruction,
                         max_length=max_length)
+    need, largest = _space_needed(src.path, precisions, formats)
+    _check_space(out, need, largest)
     log.say(f"exporting {model_id} as kind={src.kind} heads={list(src.heads)} pooling={src.pooling} "
             f"max_length={src.max_length} -> {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(out.parent)
     tmp = out.parent / f"{_TMP_PREFIX}{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         manifest = _export_into(src, tmp, precisions, formats, min_int8_cosine, log, note)
-        _finalize(tmp, out)
-    except BaseException:
+        _finalize(tmp, out, replace)
+    except BaseException as e:
+        disk = _disk_error(e, tmp, need) if isinstance(e, Exception) and not isinstance(e, ArtifactError) else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk is not None:
+            raise disk from None
         raise
     log.say(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return manifest
@@ -415,12 +599,40 @@ def _release_memory() -> None:
             pass
 
 
-def _finalize(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing --out (only with --force) is replaced."""
-    if out.exists():
-        old = out.parent / f"{_TMP_PREFIX}old-{out.name}-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
+def _finalize(tmp: Path, out: Path, replace: tuple[int, int] | None) -> None:
+    """Move the finished folder into place without ever replacing a folder that appeared meanwhile.
+
+    ``replace`` is the (device, inode) of the artifact that --force checked at the start: only that very
+    folder is moved aside (and deleted once the new one is in place). Anything else now at ``out``, or
+    anything at all when there was nothing to replace, is left alone and the export fails.
+    """
+    appeared = (f"--out {out} appeared while exporting (another export or program wrote it); it was left "
+                f"untouched and this export was discarded. Export again to another --out, or remove {out} first.")
+    old = out.parent / f"{_TMP_PREFIX}{_OLD}{out.name}-{os.getpid()}"
+    if replace is not None:
+        try:
+            os.rename(out, old)
+        except FileNotFoundError:
+            replace = None  # it went away meanwhile: nothing to replace
+        else:
+            try:  # the same folder (inodes get reused: check what it holds too), still only an artifact
+                same = _artifact_identity(old) == replace
+            except ExportError:
+                same = False
+            if not same:  # not the artifact checked at the start: put it back
+                _rename_noreplace(old, out)
+                raise ExportError(appeared)
+    try:
+        _rename_noreplace(tmp, out)
+    except FileExistsError:
+        if replace is not None:
+            _rename_noreplace(old, out)
+        raise ExportError(appeared) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        if replace is not None:
+            _rename_noreplace(old, out)
+        raise ExportError(appeared) from None
+    if replace is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -12,19 +12,28 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union, overload
 
 import numpy as np
 
 from . import heads
 from .batching import DEFAULT_BATCH_SIZE, DEFAULT_MEMORY_MB, LINEAR_ATTENTION_FROM, MAX_BATCH_TOKENS, plan_batches
 from .errors import ArtifactError, BackendError, InputError
-from .integrity import default_cache_dir, verify_files
+from .integrity import check_external_data, default_cache_dir, verify_files
 from .manifest import Manifest, read_manifest
 from .ov_session import SHAPES, OpenVINOSession
 from .session import choose_backend, create_session, parse_device, physical_cores
 
 __all__ = ["Embedder", "EncodeStats"]
+
+# Long texts are tokenised only as far as the max length needs (Embedder._token_ids). Memory: tokenizers holds
+# ~200 B per character read (373 MB for one 1.95 M-character text, XLM-R-style Unigram tokenizer), so an M3
+# text (8,192 tokens) reads at most (8,192 + 16) * 8 = 66k characters (~13 MB) when it averages under 8
+# characters per token (English ~4.5, CJK ~1.5), and never more than 8,192 * 32 = 262k characters (~50 MB)
+# whatever it holds; a 512-token model at most 4k-16k characters (1-3 MB).
+CHARS_PER_TOKEN_FIRST = 8    # the first prefix read: this many characters per token wanted
+MAX_CHARS_PER_TOKEN = 32     # characters per token beyond which a text is cut unread (counted as truncated)
+TRUNCATION_MARGIN = 16       # tokens read past the limit, so that the cut word never reaches the kept tokens
 
 Texts = Union[str, Sequence[str]]
 
@@ -98,6 +107,8 @@ class Embedder:
         cache = default_cache_dir() if hash_cache is True else (Path(hash_cache) if hash_cache else None)
         tok_path, graph_path, *data = verify_files(
             self.root, self.manifest, [self.manifest.tokenizer, self.graph.file, *self.graph.external_data], cache)
+        if self.graph.format == "onnx":
+            check_external_data(self.root, self.graph.file, self.graph.external_data)
         from tokenizers import Tokenizer
 
         try:
@@ -112,6 +123,7 @@ class Embedder:
         else:
             self._session = create_session(graph_path, device=device, threads=threads, spin=spin)
         self.providers: list[str] = list(self._session.get_providers())
+        self._check_declared_outputs()
         sp = self.manifest.special_tokens
         self._pad_id = int(sp.get("pad") or 0)
         self._unused = [v for k in ("cls", "eos", "pad", "unk") if (v := sp.get(k)) is not None]
@@ -134,12 +146,16 @@ class Embedder:
         """
         single = isinstance(texts, str)
         items = self._check_texts(texts)
+        for name, flag in (("return_dense", return_dense), ("return_sparse", return_sparse),
+                           ("return_colbert_vecs", return_colbert_vecs), ("sort_by_length", sort_by_length)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise InputError(f"{name} must be True or False, got {flag!r:.40}.")
         self._check_heads(return_sparse, return_colbert_vecs)
         max_length = self.passage_max_length if max_length is None else self._check_max_length(max_length)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
-            raise InputError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}.")
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r:.40}.")
+        if not isinstance(max_batch_tokens, int) or isinstance(max_batch_tokens, bool) or max_batch_tokens < 1:
+            raise InputError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r:.40}.")
         ids = self._tokenize(items, max_length)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         stats = EncodeStats(texts=len(items), tokens=int(lengths.sum()),
@@ -168,6 +184,7 @@ class Embedder:
         feeds = (self._feed(b.indices, b.length, ids) for b in batches)
         for b, out in zip(batches, self._run_many(outputs, feeds)):
             res = dict(zip(outputs, out))
+            self._check_outputs(res, b.indices, b.length)
             stats.padded_tokens += len(b.indices) * b.length
             stats.batch_shapes.append((len(b.indices), b.length))
             for row, i in enumerate(b.indices):
@@ -245,18 +262,28 @@ class Embedder:
 
     def convert_id_to_token(self, lexical_weights: dict[str, Any] | list[dict[str, Any]]) -> Any:
         """Replace token-id keys by token strings (FlagEmbedding's helper), for reading sparse output."""
-        def one(d: dict[str, Any]) -> dict[str, Any]:
+        def one(d: Any, where: str) -> dict[str, Any]:
+            if not isinstance(d, dict):
+                raise InputError(f"{where} must be a dict of token id -> weight (lexical_weights from encode), got "
+                                 f"{type(d).__name__}.")
             out: dict[str, Any] = {}
             for k, v in d.items():
-                tok = self._tokenizer.id_to_token(int(k))
+                key = k if isinstance(k, str) else None
+                tid = int(key) if key is not None and key.isascii() and key.isdigit() and len(key) < 12 else \
+                    (k if isinstance(k, int) and not isinstance(k, bool) else -1)
+                tok = self._tokenizer.id_to_token(tid) if 0 <= tid < 2**31 else None
                 if tok is None:
-                    raise InputError(f"token id {k!r} is not in this model's vocabulary.")
+                    raise InputError(f"{where} key {k!r:.40} is not a token id of this model's vocabulary (keys are "
+                                     f"ids as strings, e.g. '{self._pad_id}', as encode returns them).")
                 out[tok] = v
             return out
 
         if isinstance(lexical_weights, dict):
-            return one(lexical_weights)
-        return [one(d) for d in lexical_weights]
+            return one(lexical_weights, "lexical_weights")
+        if isinstance(lexical_weights, (str, bytes)) or not isinstance(lexical_weights, (list, tuple)):
+            raise InputError(f"lexical_weights must be a dict or a list of dicts (encode's lexical_weights), got "
+                             f"{type(lexical_weights).__name__}.")
+        return [one(d, f"lexical_weights[{i}]") for i, d in enumerate(lexical_weights)]
 
     def info(self) -> dict[str, Any]:
         """What is loaded: artifact, graph, backend, providers, limits."""
@@ -299,14 +326,31 @@ class Embedder:
             return self.max_length
         if not isinstance(max_length, int) or isinstance(max_length, bool) or not 2 <= max_length:
             raise InputError(f"{name} must be an integer >= 2 (tokens) or None (the model's own, "
-                             f"{self.max_length}), got {max_length!r}.")
+                             f"{self.max_length}), got {max_length!r:.40}.")
         return min(max_length, self.max_length)
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Tokens per text, special tokens included, before truncation (e.g. for a server's limits)."""
-        return [len(x) for x in self._token_ids(self._check_texts(list(texts)))]
+    @overload
+    def count_tokens(self, texts: str, limit: int | None = None) -> int: ...  # type: ignore[overload-overlap]
 
-    def _token_ids(self, items: list[str]) -> list[list[int]]:
+    @overload
+    def count_tokens(self, texts: Sequence[str], limit: int | None = None) -> list[int]: ...
+
+    def count_tokens(self, texts: Texts, limit: int | None = None) -> int | list[int]:
+        """Tokens per text, special tokens included, before truncation (e.g. for a server's limits).
+
+        A single string gives one count, a list a list of counts. ``limit`` bounds the work for long texts
+        (see ``_token_ids``): counts up to ``limit`` are exact, a count above it only says the text is over
+        (it is a lower bound, and a text longer than ``limit * MAX_CHARS_PER_TOKEN`` characters counts as
+        ``limit + 1`` unless its first characters already hold more tokens).
+        """
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 2):
+            raise InputError(f"limit must be an integer >= 2 or None, got {limit!r:.40}.")
+        counts = []
+        for x in self._token_ids(self._check_texts(texts), limit):
+            counts.append(max(len(x), limit + 1) if limit is not None and getattr(x, "capped", False) else len(x))
+        return counts[0] if isinstance(texts, str) else counts
+
+    def _encode_all(self, items: list[str]) -> list[list[int]]:
         """Token ids of each text, untruncated; InputError naming the text for invalid Unicode."""
         try:
             encs = self._tokenizer.encode_batch(items)
@@ -321,11 +365,46 @@ class Embedder:
             raise
         return [enc.ids for enc in encs]
 
+    def _token_ids(self, items: list[str], limit: int | None = None) -> list[Any]:
+        """Token ids of each text; with ``limit``, long texts are tokenised only as far as needed.
+
+        Tokenising costs memory and time in proportion to the characters read (tokenizers keeps offsets and
+        alignments per character: ~200 bytes each, measured), so a text longer than ``(limit + margin) *
+        CHARS_PER_TOKEN_FIRST`` characters is tokenised by prefixes, cut at whitespace and doubled until they
+        hold ``limit + TRUNCATION_MARGIN`` tokens (then the first ``limit`` tokens are those of the whole text)
+        or reach the text's end, and never beyond ``limit * MAX_CHARS_PER_TOKEN`` characters (``_Prefix``,
+        ``capped``: the rest of the text is not read).
+        """
+        if limit is None:
+            return self._encode_all(items)
+        need = limit + TRUNCATION_MARGIN
+        first, cap = need * CHARS_PER_TOKEN_FIRST, limit * MAX_CHARS_PER_TOKEN
+        out: list[Any] = [None] * len(items)
+        short = [k for k, t in enumerate(items) if len(t) <= first]
+        for k, ids in zip(short, self._encode_all([items[k] for k in short])):
+            out[k] = ids
+        for k, text in enumerate(items):
+            if out[k] is not None:
+                continue
+            width = first
+            while True:
+                cut = _cut_at_space(text, width)
+                if len(cut) == len(text):  # the prefix reached the end: the whole text
+                    out[k] = self._encode_all([text])[0]
+                    break
+                ids = self._encode_all([cut])[0]
+                if len(ids) >= need or width >= cap:
+                    out[k] = _Prefix(ids, capped=len(ids) < need)
+                    break
+                width = min(2 * width, cap)
+        return out
+
     def _tokenize(self, items: list[str], max_length: int) -> list[Any]:
         out = []
-        for x in self._token_ids(items):
-            if len(x) > max_length:  # same as tokenizers' truncation: content cut, closing special kept
-                x = _Truncated(x[: max_length - 1] + x[-1:])
+        for x in self._token_ids(items, max_length):
+            if len(x) > max_length or getattr(x, "capped", False):
+                # same as tokenizers' truncation: content cut, closing special kept
+                x = _Truncated(x[: max_length - 1] + x[-1:] if len(x) > max_length else x)
             out.append(x)
         return out
 
@@ -338,6 +417,51 @@ class Embedder:
             input_ids[row, : len(x)] = x
             mask[row, : len(x)] = 1
         return {"input_ids": input_ids, "attention_mask": mask}
+
+    def _expected_shapes(self, rows: int | None, length: int | None) -> dict[str, tuple[int | None, ...]]:
+        H = self.manifest.hidden_size
+        return {"dense": (rows, H), "sparse": (rows, length),
+                "colbert": (rows, None if length is None else length - 1, H)}
+
+    def _mismatch(self, name: str, got: Any, want: tuple[int | None, ...]) -> ArtifactError:
+        shown = tuple("?" if d is None else d for d in want)
+        return ArtifactError(f"the graph {self.graph.file} ({self.graph.format}/{self.precision}) has a {name!r} "
+                             f"output of shape {got}, but its manifest says {shown} (hidden_size "
+                             f"{self.manifest.hidden_size}): the graph does not belong to this manifest. Re-export "
+                             f"the artifact.")
+
+    def _check_declared_outputs(self) -> None:
+        """Once at load: the graph has the outputs the manifest's heads need, of the manifest's width."""
+        get_outputs = getattr(self._session, "get_outputs", None)
+        if get_outputs is None:  # OpenVINO: shapes are checked on every batch (_check_outputs)
+            return
+        declared = {o.name: list(o.shape or []) for o in get_outputs()}
+        for name, want in self._expected_shapes(None, None).items():
+            if name not in self.manifest.heads:
+                continue
+            if name not in declared:
+                raise ArtifactError(f"the graph {self.graph.file} has no {name!r} output (it has "
+                                    f"{sorted(declared)}), but its manifest lists the {name} head. Re-export the "
+                                    f"artifact.")
+            got = declared[name]
+            if len(got) != len(want) or any(isinstance(g, int) and w is not None and g != w
+                                            for g, w in zip(got, want)):
+                raise self._mismatch(name, tuple(got), want)
+
+    def _check_outputs(self, res: dict[str, np.ndarray], indices: np.ndarray, length: int) -> None:
+        """Every batch: outputs of the expected shapes, and finite (a NaN would become invalid JSON downstream)."""
+        for name, arr in res.items():
+            want = self._expected_shapes(len(indices), length)[name]
+            if arr.shape != want:
+                raise self._mismatch(name, arr.shape, want)
+            finite = np.isfinite(arr)
+            if not finite.all():
+                bad = indices[~finite.reshape(len(indices), -1).all(axis=1)]
+                which = ", ".join(f"texts[{int(i)}]" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+                raise BackendError(f"the model produced NaN or infinite values in its {name!r} output for {which} "
+                                   f"({self.graph.format}/{self.precision} graph {self.graph.file}); refusing to "
+                                   f"return them. The graph is broken or overflows at this precision: try "
+                                   f"precision='fp32', or re-export the artifact.")
 
     def _run_many(self, outputs: list[str], feeds: Iterator[dict[str, np.ndarray]]) -> Iterator[list[np.ndarray]]:
         if isinstance(self._session, OpenVINOSession):
@@ -357,3 +481,24 @@ class _Truncated(list):  # type: ignore[type-arg]
     """Token ids of a text that was cut at max_length."""
 
     truncated = True
+
+
+class _Prefix(list):  # type: ignore[type-arg]
+    """Token ids of the start of a text (``_token_ids``); ``capped``: the text was cut at the character bound
+    before it reached ``limit + TRUNCATION_MARGIN`` tokens."""
+
+    def __init__(self, ids: list[int], capped: bool) -> None:
+        super().__init__(ids)
+        self.capped = capped
+
+
+def _cut_at_space(text: str, width: int) -> str:
+    """``text[:width]``, shortened to end before its last whitespace in the second half (a word is not split, so
+    the pre-tokeniser sees the same words as in the whole text); a text without one there is cut at ``width``."""
+    if len(text) <= width:
+        return text
+    head = text[:width]
+    for k in range(width - 1, width // 2, -1):
+        if head[k].isspace():
+            return head[:k]
+    return head

@@ -101,66 +101,210 @@ def safe_member_path(root: Path, rel: str) -> Path:
     return full
 
 
-def _req(d: Mapping[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
-    if key not in d:
-        raise ArtifactError(f"{where} lacks the field {key!r}; the manifest is malformed: re-export the artifact.")
-    v = d[key]
-    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-        raise ArtifactError(f"{where} field {key!r} has the wrong type ({type(v).__name__}); re-export the artifact.")
-    return v
+# Bounds of the numbers a manifest may hold: wide enough for every BERT/XLM-R model, narrow enough that no
+# later arithmetic (array shapes, memory estimates) sees an absurd value.
+MAX_HIDDEN_SIZE = 65_536
+MAX_ATTENTION_HEADS = 1_024
+MAX_LENGTH_LIMIT = 1 << 20      # tokens per text
+MAX_TOKEN_ID = (1 << 31) - 1    # ids are int64 in the graph, vocabularies are far smaller
+MAX_OPSET = 1_000
+MAX_FILE_SIZE = 1 << 50         # 1 PiB
+MAX_MANIFEST_BYTES = 16 << 20   # a manifest is a few KB; refuse to parse a huge one
+_SHOWN_PROBLEMS = 6
 
 
-def _one_of(value: str, allowed: tuple[str, ...], what: str) -> str:
-    if value not in allowed:
-        raise ArtifactError(f"manifest {what} {value!r} is not one of {list(allowed)}; this bge-edge cannot read it.")
-    return value
+def _what(v: Any) -> str:
+    """A value's JSON type and a short rendering, for error messages."""
+    kind = "null" if v is None else {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
+                                     float: "number"}.get(type(v), type(v).__name__)
+    text = repr(v) if isinstance(v, (str, int, float, bool)) and not (isinstance(v, int) and abs(v) > 10**12) \
+        else ("a huge integer" if isinstance(v, int) else "")
+    return f"{kind} {text[:60]}".rstrip()
 
 
-def parse_manifest(d: Mapping[str, Any]) -> Manifest:
-    """Validate a decoded manifest strictly; unknown schema versions are refused."""
+def _plain_relative(rel: str) -> bool:
+    p = PurePosixPath(rel)
+    return bool(rel) and not p.is_absolute() and "\\" not in rel and ":" not in rel and "\x00" not in rel \
+        and not any(part in ("..", "", ".") for part in rel.split("/"))
+
+
+class _Checker:
+    """Collects every problem of a decoded manifest, each with the path of its field."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def bad(self, path: str, msg: str) -> None:
+        self.problems.append(f"{path} {msg}")
+
+    def obj(self, d: Any, path: str) -> Mapping[str, Any] | None:
+        if not isinstance(d, Mapping):
+            self.bad(path, f"must be an object, got {_what(d)}")
+            return None
+        return d
+
+    def field(self, d: Mapping[str, Any], key: str, path: str, default: Any = ...) -> Any:
+        if key not in d:
+            if default is ...:
+                self.bad(f"{path}{key}", "is missing")
+            return default
+        return d[key]
+
+    def int_(self, d: Mapping[str, Any], key: str, path: str, lo: int, hi: int, default: Any = ...,
+             nullable: bool = False) -> int | None:
+        v = self.field(d, key, path, default)
+        if v is ... or (v is None and (nullable or default is None)):
+            return None
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            self.bad(f"{path}{key}", f"must be an integer from {lo:,} to {hi:,}{' or null' if nullable else ''}, "
+                                     f"got {_what(v)}")
+            return None
+        return v
+
+    def str_(self, d: Mapping[str, Any], key: str, path: str, default: Any = ...,
+             allowed: tuple[str, ...] | None = None, nullable: bool = False) -> str | None:
+        v = self.field(d, key, path, default)
+        if v is ... or (v is None and nullable):
+            return None
+        if not isinstance(v, str) or (allowed is not None and v not in allowed):
+            want = f"one of {list(allowed)}" if allowed is not None else "a string"
+            self.bad(f"{path}{key}", f"must be {want}{' or null' if nullable else ''}, got {_what(v)}")
+            return None
+        return v
+
+    def bool_(self, d: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+        v = d.get(key, default)
+        if not isinstance(v, bool):
+            self.bad(f"{path}{key}", f"must be true or false, got {_what(v)}")
+            return default
+        return v
+
+    def mapping(self, d: Mapping[str, Any], key: str, path: str, default: Any = ...) -> dict[str, Any]:
+        v = self.field(d, key, path, default)
+        if v is ...:
+            return {}
+        return dict(self.obj(v, f"{path}{key}") or {})
+
+    def path_(self, rel: Any, path: str) -> str | None:
+        if not isinstance(rel, str):
+            self.bad(path, f"must be a file path (string), got {_what(rel)}")
+            return None
+        if not _plain_relative(rel):
+            self.bad(path, f"{rel[:80]!r} is not a plain relative path inside the artifact folder")
+            return None
+        return rel
+
+
+def parse_manifest(d: Any) -> Manifest:
+    """Validate a decoded manifest fully against the schema; ArtifactError lists every problem with its field.
+
+    Unknown schema versions are refused (upgrade bge-edge or re-export). Fields this version does not know
+    are ignored; every field it reads is checked for type and range, so nothing later sees a bad value.
+    """
     if not isinstance(d, Mapping):
-        raise ArtifactError("manifest.json is not a JSON object; re-export the artifact.")
-    version = _req(d, "schema_version", int, "manifest")
+        raise ArtifactError(f"manifest.json must be a JSON object, got {_what(d)}; re-export the artifact.")
+    version = d.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArtifactError(f"manifest.json schema_version must be an integer, got "
+                            f"{_what(version) if 'schema_version' in d else 'nothing'}; re-export the artifact.")
     if version != SCHEMA_VERSION:
-        raise ArtifactError(f"manifest schema_version {version} is not supported (this bge-edge reads "
-                            f"{SCHEMA_VERSION}); upgrade bge-edge or re-export the artifact with this version.")
-    kind = _one_of(_req(d, "kind", str, "manifest"), KINDS, "kind")
-    heads = tuple(_one_of(h, HEADS, "head") for h in _req(d, "heads", list, "manifest"))
-    if "dense" not in heads:
-        raise ArtifactError("manifest lists no 'dense' head; re-export the artifact.")
-    graphs = []
-    for i, g in enumerate(_req(d, "graphs", list, "manifest")):
-        where = f"manifest graphs[{i}]"
-        graphs.append(GraphEntry(
-            file=_req(g, "file", str, where),
-            format=_one_of(_req(g, "format", str, where), FORMATS, "graph format"),
-            precision=_one_of(_req(g, "precision", str, where), PRECISIONS, "graph precision"),
-            opset=g.get("opset"), cpu_target=str(g.get("cpu_target", "any")),
-            external_data=tuple(g.get("external_data", ())), fused=bool(g.get("fused", False)),
-            linear_attention=bool(g.get("linear_attention", False)),
-            quantization=dict(g.get("quantization", {})), accuracy=dict(g.get("accuracy", {}))))
-    files = {}
-    for name, e in _req(d, "files", dict, "manifest").items():
-        size, digest = _req(e, "size", int, f"files[{name!r}]"), _req(e, "sha256", str, f"files[{name!r}]")
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise ArtifactError(f"files[{name!r}] sha256 is not 64 lowercase hex digits; re-export the artifact.")
-        files[name] = FileEntry(size=size, sha256=digest)
-    tokenizer = str(d.get("tokenizer", "tokenizer.json"))
-    for g in graphs:
-        for f in (g.file, *g.external_data):
-            if f not in files:
-                raise ArtifactError(f"graph file {f!r} is not listed in the manifest's files; re-export the artifact.")
-    if tokenizer not in files:
-        raise ArtifactError(f"tokenizer file {tokenizer!r} is not listed in the manifest's files.")
-    specials = _req(d, "special_tokens", dict, "manifest")
+        raise ArtifactError(f"manifest schema_version {version if abs(version) < 10**12 else 'huge'} is not "
+                            f"supported (this bge-edge reads {SCHEMA_VERSION}); upgrade bge-edge or re-export the "
+                            f"artifact with this version.")
+    c = _Checker()
+    kind = c.str_(d, "kind", "", allowed=KINDS)
+    heads_raw = c.field(d, "heads", "")
+    heads: list[str] = []
+    if heads_raw is not ...:
+        if not isinstance(heads_raw, list):
+            c.bad("heads", f"must be an array of head names, got {_what(heads_raw)}")
+        else:
+            for i, h in enumerate(heads_raw):
+                if not isinstance(h, str) or h not in HEADS:
+                    c.bad(f"heads[{i}]", f"must be one of {list(HEADS)}, got {_what(h)}")
+                elif h in heads:
+                    c.bad(f"heads[{i}]", f"repeats {h!r}")
+                else:
+                    heads.append(h)
+            if "dense" not in heads and len(heads) == len(heads_raw):
+                c.bad("heads", "lists no 'dense' head")
+    pooling = c.str_(d, "pooling", "", allowed=POOLINGS)
+    hidden = c.int_(d, "hidden_size", "", 1, MAX_HIDDEN_SIZE)
+    n_heads = c.int_(d, "attention_heads", "", 1, MAX_ATTENTION_HEADS)
+    if hidden and n_heads and hidden % n_heads:
+        c.bad("attention_heads", f"{n_heads} does not divide hidden_size {hidden}")
+    max_length = c.int_(d, "max_length", "", 2, MAX_LENGTH_LIMIT)
+    specials: dict[str, int | None] = {}
+    for k, v in c.mapping(d, "special_tokens", "").items():
+        specials[k] = c.int_({k: v}, k, "special_tokens.", 0, MAX_TOKEN_ID, nullable=True)
+    source = c.mapping(d, "source", "")
+    for k in ("model_id", "revision"):
+        c.str_(source, k, "source.", default=None, nullable=True)
+    query_instruction = c.str_(d, "query_instruction", "", default="") or ""
+    tokenizer = c.path_(d.get("tokenizer", "tokenizer.json"), "tokenizer")
+    exporter = c.mapping(d, "exporter", "", default={})
+    created = c.str_(d, "created", "", default="") or ""
+    files: dict[str, FileEntry] = {}
+    for name, e in c.mapping(d, "files", "").items():
+        where = f"files[{name[:80]!r}]"
+        if c.path_(name, where) is None or c.obj(e, where) is None:
+            continue
+        size = c.int_(e, "size", where + ".", 0, MAX_FILE_SIZE)
+        digest = e.get("sha256")
+        if not (isinstance(digest, str) and len(digest) == 64 and all(ch in "0123456789abcdef" for ch in digest)):
+            c.bad(f"{where}.sha256", f"must be 64 lowercase hex digits, got {_what(digest)}")
+        elif size is not None:
+            files[name] = FileEntry(size=size, sha256=digest)
+    graphs: list[GraphEntry] = []
+    graphs_raw = c.field(d, "graphs", "")
+    if graphs_raw is not ... and not isinstance(graphs_raw, list):
+        c.bad("graphs", f"must be an array of graph entries, got {_what(graphs_raw)}")
+    elif isinstance(graphs_raw, list) and not graphs_raw:
+        c.bad("graphs", "is empty: the artifact has no graph to run")
+    for i, g in enumerate(graphs_raw if isinstance(graphs_raw, list) else []):
+        where = f"graphs[{i}]"
+        if c.obj(g, where) is None:
+            continue
+        n = len(c.problems)
+        file_raw = c.field(g, "file", where + ".")
+        file = c.path_(file_raw, where + ".file") if file_raw is not ... else None
+        fmt = c.str_(g, "format", where + ".", allowed=FORMATS)
+        precision = c.str_(g, "precision", where + ".", allowed=PRECISIONS)
+        opset = c.int_(g, "opset", where + ".", 1, MAX_OPSET, default=None, nullable=True)
+        cpu_target = c.str_(g, "cpu_target", where + ".", default="any") or "any"
+        extra_raw = g.get("external_data", [])
+        extra: list[str] = []
+        if not isinstance(extra_raw, list):
+            c.bad(f"{where}.external_data", f"must be an array of file paths, got {_what(extra_raw)}")
+        else:
+            extra = [x for k, x in enumerate(extra_raw) if c.path_(x, f"{where}.external_data[{k}]") is not None]
+        fused = c.bool_(g, "fused", where + ".", False)
+        linear = c.bool_(g, "linear_attention", where + ".", False)
+        quant = c.mapping(g, "quantization", where + ".", default={})
+        acc = c.mapping(g, "accuracy", where + ".", default={})
+        if len(c.problems) > n or file is None or fmt is None or precision is None:
+            continue
+        for j, rel in enumerate((file, *extra)):
+            if rel not in files and not any(x.startswith(f"files[{rel[:80]!r}]") for x in c.problems):
+                c.bad(f"{where}.{'file' if j == 0 else f'external_data[{j - 1}]'}", f"{rel!r} is not listed in files")
+        if any(x.format == fmt and x.precision == precision for x in graphs):
+            c.bad(where, f"repeats the {fmt}/{precision} graph")
+        graphs.append(GraphEntry(file=file, format=fmt, precision=precision, opset=opset, cpu_target=cpu_target,
+                                 external_data=tuple(extra), fused=fused, linear_attention=linear,
+                                 quantization=quant, accuracy=acc))
+    if tokenizer is not None and tokenizer not in files and "files" in d and isinstance(d["files"], Mapping):
+        c.bad("tokenizer", f"{tokenizer!r} is not listed in files")
+    if c.problems:
+        shown = "; ".join(c.problems[:_SHOWN_PROBLEMS])
+        more = f" (and {len(c.problems) - _SHOWN_PROBLEMS} more)" if len(c.problems) > _SHOWN_PROBLEMS else ""
+        raise ArtifactError(f"manifest.json is malformed: {shown}{more}. Re-export the artifact with "
+                            f"`bge-edge export MODEL --out DIR`.")
+    assert kind is not None and pooling is not None and hidden is not None and n_heads is not None
+    assert max_length is not None and tokenizer is not None
     return Manifest(
-        schema_version=version, source=dict(_req(d, "source", dict, "manifest")), kind=kind, heads=heads,
-        pooling=_one_of(_req(d, "pooling", str, "manifest"), POOLINGS, "pooling"),
-        hidden_size=_req(d, "hidden_size", int, "manifest"),
-        attention_heads=_req(d, "attention_heads", int, "manifest"), max_length=_req(d, "max_length", int, "manifest"),
-        special_tokens={k: (None if v is None else int(v)) for k, v in specials.items()},
-        query_instruction=str(d.get("query_instruction", "")), tokenizer=tokenizer, graphs=tuple(graphs),
-        files=files, exporter=dict(d.get("exporter", {})), created=str(d.get("created", "")))
+        schema_version=version, source=source, kind=kind, heads=tuple(heads), pooling=pooling, hidden_size=hidden,
+        attention_heads=n_heads, max_length=max_length, special_tokens=specials, query_instruction=query_instruction,
+        tokenizer=tokenizer, graphs=tuple(graphs), files=files, exporter=exporter, created=created)
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
@@ -174,7 +318,16 @@ def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
         raise ArtifactError(f"{str(root)!r} has no {MANIFEST_NAME}: it is not a bge-edge artifact folder; "
                             f"create one with `bge-edge export MODEL --out DIR`.")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); re-export the artifact.") from None
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path}: {e.strerror or e}; check its permissions.") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{path} is over {MAX_MANIFEST_BYTES >> 20} MiB: not a bge-edge manifest (they are a "
+                            f"few KB). Re-export the artifact.")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # bad JSON, too many digits, nested too deep
+        why = "it is nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise ArtifactError(f"{path} is not valid JSON ({why}); re-export the artifact.") from None
     return parse_manifest(data)

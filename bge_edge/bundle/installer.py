@@ -179,7 +179,28 @@ def read_bundle_manifest(root: Path) -> dict:
         if (not isinstance(entry, dict) or not isinstance(entry.get("size"), int)
                 or not isinstance(entry.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
             raise BundleInstallError(f"{BUNDLE_MANIFEST} entry for {rel!r} lacks a size and a SHA-256.")
+    _artifact_rel(data)
     return data
+
+
+def _artifact_rel(data: dict) -> str:
+    """The bundle's artifact folder, held to the rules of every other bundle path: a plain relative path
+    inside the bundle whose manifest.json is one of the files bundle.json lists (so it is verified)."""
+    art = data.get("artifact", {})
+    if not isinstance(art, dict):
+        raise BundleInstallError(f"{BUNDLE_MANIFEST} field 'artifact' is not an object; copy the bundle again.")
+    rel = art.get("path", ARTIFACT_DIR)
+    if not isinstance(rel, str):
+        raise BundleInstallError(f"{BUNDLE_MANIFEST} artifact.path is not a string; copy the bundle again.")
+    _check_rel(rel, f"{BUNDLE_MANIFEST} artifact.path")
+    if "artifact" in data and f"{rel}/manifest.json" not in data["files"]:
+        raise BundleInstallError(f"{BUNDLE_MANIFEST} artifact.path {rel!r} is not an artifact folder of this bundle "
+                                 f"({rel}/manifest.json is not among the files it lists); refusing to install it.")
+    precision = art.get("smoke_precision")
+    if precision is not None and precision not in ("fp32", "fp16", "int8"):
+        raise BundleInstallError(f"{BUNDLE_MANIFEST} artifact.smoke_precision {str(precision)[:20]!r} is not one of "
+                                 f"fp32, fp16, int8; copy the bundle again.")
+    return rel
 
 
 def verify_bundle(root: Path, expect_sha256: str | None = None) -> dict:
@@ -364,8 +385,7 @@ def resolve_source(source: str | None, here: str | None, self_name: str | None,
 
 def install(root: Path, venv: Path, data: dict) -> dict:
     """Steps 3-5 on an already verified bundle; returns timings and what was installed."""
-    art_rel = data.get("artifact", {}).get("path", ARTIFACT_DIR)
-    art = root / art_rel
+    art = root.joinpath(*_artifact_rel(data).split("/"))
     precision = data.get("artifact", {}).get("smoke_precision")
     if venv.exists() and (not venv.is_dir() or any(venv.iterdir())):
         raise BundleInstallError(f"{venv} already exists; pass --venv NEW_FOLDER or remove it first.")

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -47,7 +47,12 @@ INFERENCE = ("/v1/embeddings", "/embed_dense", "/embed_lexical", "/embed_colbert
 PUBLIC = ("/health", "/ready", "/openapi.json")
 ENDPOINTS = INFERENCE + PUBLIC + ("/info", "/metrics", "/v1/models", "/tokenize")
 INLINE_TOKENIZE_CHARS = 20_000  # above this many characters, count tokens on a worker thread
+# A body over --max-request-bytes is read and dropped before its 413 (a client still sending gets the answer,
+# not a reset) up to this much and this long; beyond, the connection is closed as it stands.
+DISCARD_BYTES = 256 << 20
+DISCARD_SECONDS = 30.0
 ARRIVING = "bge_edge.arriving"  # scope key: this request counts in ServeState.arriving
+CLIENT_CLOSED = 499  # the status recorded for a client that disconnected mid-request (nginx's convention)
 
 
 class ApiError(Exception):
@@ -96,6 +101,9 @@ class ServeState:
                                   ("endpoint",))
         self.m_inputs = m.counter("bge_edge_inputs_total", "Texts processed (pairs count two).", ("endpoint",))
         self.m_truncated = m.counter("bge_edge_truncated_inputs_total", "Texts truncated to max_input_tokens.")
+        self.m_disconnects = m.counter("bge_edge_client_disconnects_total",
+                                       "Requests whose client disconnected before sending the whole body (code 499).",
+                                       ("endpoint",))
         m.gauge("bge_edge_queue_depth", "Requests waiting for the model.",
                 fn=lambda: self.batcher.queued_jobs if self.batcher else 0)
         m.gauge("bge_edge_queue_inputs", "Texts waiting for the model.",
@@ -140,17 +148,41 @@ def _invalid(msg: str) -> ApiError:
     return ApiError(422, "invalid_type", msg)
 
 
+async def _discard_body(request: Request) -> None:
+    """Read and drop the rest of a refused body (at most DISCARD_BYTES / DISCARD_SECONDS), so the client, still
+    sending, reads its 413 instead of a connection reset; the response then closes the connection."""
+    seen = 0
+
+    async def drain() -> None:
+        nonlocal seen
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > DISCARD_BYTES:
+                return
+
+    try:
+        await asyncio.wait_for(drain(), DISCARD_SECONDS)
+    except (asyncio.TimeoutError, ClientDisconnect, RuntimeError):  # slow, gone, or the stream was consumed
+        pass
+
+
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     cl = request.headers.get("content-length")
+    close = {"Connection": "close"}
     if cl is not None and cl.isdigit() and int(cl) > limit:
+        await _discard_body(request)
         raise ApiError(413, "payload_too_large", f"request body is {int(cl):,} bytes > max_request_bytes {limit:,} "
-                                                 f"(server flag --max-request-bytes); send fewer or shorter texts")
+                                                 f"(server flag --max-request-bytes); send fewer or shorter texts",
+                       headers=close)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
+            del chunks
+            await _discard_body(request)
             raise ApiError(413, "payload_too_large", f"request body exceeds max_request_bytes {limit:,} (server "
-                                                     f"flag --max-request-bytes); send fewer or shorter texts")
+                                                     f"flag --max-request-bytes); send fewer or shorter texts",
+                           headers=close)
         chunks.append(chunk)
     body = b"".join(chunks)
     if not body.strip():
@@ -340,8 +372,9 @@ def create_app(config: ServeConfig, load: Callable[[], Engine]) -> ServeApp:
         if over and not truncate:
             k, c = over[0]
             more = f" ({len(over)} texts are over it)" if len(over) > 1 else ""
-            raise ApiError(413, "input_too_long", f"text {k} has {c:,} tokens > max_input_tokens {limit:,}{more}; "
-                                                  f"shorten it or send \"truncate\": true")
+            least = "at least " if c > e.max_length else ""  # long texts are counted only until they are over
+            raise ApiError(413, "input_too_long", f"text {k} has {least}{c:,} tokens > max_input_tokens {limit:,}"
+                                                  f"{more}; shorten it or send \"truncate\": true")
         counts = [min(c, limit) for c in counts]
         total = sum(counts)
         if total > st.config.max_request_tokens:
@@ -488,6 +521,10 @@ def create_app(config: ServeConfig, load: Callable[[], Engine]) -> ServeApp:
                 return await fn(request)
             except ApiError as e:
                 return st.error(e, request.url.path)
+            except ClientDisconnect:  # the client went away mid-body: not a server fault, nobody to answer
+                st.m_disconnects.inc(request.url.path if request.url.path in ENDPOINTS else "other")
+                log.info("client disconnected before sending its whole request to %s", request.url.path)
+                return Response(status_code=CLIENT_CLOSED)
             except InputError as e:
                 return st.error(ApiError(400, "invalid_input", str(e)), request.url.path)
             except ArtifactError as e:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
@@ -36,6 +37,7 @@ from bge_edge.runtime.errors import BgeEdgeError
 __all__ = ["ServeConfig", "ConfigError", "ENV_PREFIX", "add_serve_arguments", "config_from_args"]
 
 ENV_PREFIX = "BGE_EDGE_"
+MAX_SHUTDOWN_TIMEOUT = 86_400.0  # one day: longer is a mistake (uvicorn takes whole seconds, inf overflows)
 
 
 class ConfigError(BgeEdgeError, ValueError):
@@ -83,7 +85,10 @@ class ServeConfig:
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads!r}")
         need(0 <= self.batch_wait_ms <= 1000,
              f"--batch-wait-ms must be between 0 and 1000 ms, got {self.batch_wait_ms!r}")
-        need(self.shutdown_timeout >= 0, f"--shutdown-timeout must be >= 0 s, got {self.shutdown_timeout!r}")
+        need(isinstance(self.shutdown_timeout, (int, float)) and math.isfinite(self.shutdown_timeout)
+             and 0 <= self.shutdown_timeout <= MAX_SHUTDOWN_TIMEOUT,
+             f"--shutdown-timeout must be a finite number of seconds from 0 to {MAX_SHUTDOWN_TIMEOUT:,.0f}, got "
+             f"{self.shutdown_timeout!r}")
         need(self.max_request_bytes >= 1024,
              f"--max-request-bytes {self.max_request_bytes} < 1024: no useful request fits")
         if not problems:

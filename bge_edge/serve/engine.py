@@ -21,7 +21,8 @@ class Engine(Protocol):
     max_length: int           # the model's own max tokens per text
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Tokens per text, special tokens included, before truncation. InputError for invalid text."""
+        """Tokens per text, special tokens included, before truncation. InputError for invalid text.
+        A count above ``max_length`` may be a lower bound (long texts are not tokenised to their end)."""
 
     def encode(self, texts: list[str], max_length: int, dense: bool, sparse: bool,
                colbert: bool) -> dict[str, Any]:
@@ -72,7 +73,9 @@ class EmbedderEngine:
         return cls(Embedder(artifact, precision=precision, device=device, threads=threads))
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return self.embedder.count_tokens(texts)
+        # bounded: a long text is tokenised only until it is known to be over the model's max length, so a
+        # request's memory does not grow with its text (Embedder._token_ids); counts above it are lower bounds
+        return self.embedder.count_tokens(list(texts), limit=self.max_length)
 
     def encode(self, texts: list[str], max_length: int, dense: bool, sparse: bool, colbert: bool) -> dict[str, Any]:
         return self.embedder.encode(texts, max_length=max_length, return_dense=dense, return_sparse=sparse,
