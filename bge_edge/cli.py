@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--precision", default=None, choices=["fp32", "int8", "fp16"])
     r.add_argument("--text-column", default="text")
     r.add_argument("--id-column", default=None, help="names bad rows in errors.jsonl (default: id or _id)")
-    r.add_argument("--shard-rows", type=int, default=10_000, help="rows per output shard (default 10000)")
+    r.add_argument("--shard-rows", type=int, default=None,
+                   help="rows per output shard (default 10000; 1000 with --colbert)")
     r.add_argument("--batch-size", type=int, default=None, help="rows per Ray task (default 256)")
     r.set_defaults(func=_embed_corpus)
 

@@ -43,8 +43,14 @@ __all__ = ["embed_corpus", "CorpusResult", "DEFAULT_SHARD_ROWS", "MANIFEST", "FO
 FORMAT = "bge-edge-corpus"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-DEFAULT_SHARD_ROWS = 10_000  # rows per output file: 10k MiniLM rows ~ 16 MB, 10k M3 rows with ColBERT ~ 4 GB fp16
-SHARDS_IN_FLIGHT_PER_WORKER = 2  # shards handed to Ray at once, per worker: bounds the driver's memory
+# Rows per output file. Without ColBERT 10,000 rows are ~16 MB (MiniLM) to ~50 MB (BGE-M3 dense + sparse);
+# ColBERT keeps ~200 x 1024 values per 200-token passage (~400 KB in float16), so its shards hold 1,000 rows.
+DEFAULT_SHARD_ROWS = 10_000
+DEFAULT_SHARD_ROWS_COLBERT = 1_000
+# Shards handed to Ray at once (a "wave"): max(MIN_SHARDS_PER_WAVE, SHARDS_PER_WORKER x workers). The driver holds
+# a wave's input and the outputs of its unfinished shards; each wave starts its workers afresh (model load).
+SHARDS_PER_WORKER = 2
+MIN_SHARDS_PER_WAVE = 8
 ROW = "__bge_edge_row"  # input position, carried through Ray and dropped before writing
 
 
@@ -58,6 +64,7 @@ class CorpusResult:
     rows: int = 0  # rows embedded by this call
     bad_rows: int = 0  # over the whole corpus, from errors.jsonl
     seconds: float = 0.0
+    ray_start_seconds: float = 0.0  # ray.init (local start or connect), inside `seconds`
     manifest: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -203,14 +210,14 @@ def embed_corpus(input_path: str | os.PathLike[str], artifact: str | os.PathLike
                  *, address: str | None = None, concurrency: int | None = None,
                  threads_per_worker: int | None = None, return_sparse: bool = False,
                  return_colbert_vecs: bool = False, colbert_dtype: str = "float32", text_column: str = "text",
-                 id_column: str | None = None, precision: str | None = None, shard_rows: int = DEFAULT_SHARD_ROWS,
+                 id_column: str | None = None, precision: str | None = None, shard_rows: int | None = None,
                  batch_size: int | None = None, progress: Any = sys.stderr,
                  on_shard: Callable[[int], None] | None = None) -> CorpusResult:
     """Embed ``input_path`` into Parquet shards under ``out`` (see the module docstring); resumable.
 
     address: a Ray cluster to join (None: the running Ray of this process, else a local one started and
-    stopped here). The artifact must be at the same path on every node. on_shard(k) is called after
-    shard k is on disk.
+    stopped here). The artifact must be at the same path on every node. shard_rows: rows per output file
+    (default 10,000; 1,000 with ColBERT). on_shard(k) is called after shard k is on disk.
     """
     import ray
     import ray.data
@@ -220,6 +227,8 @@ def embed_corpus(input_path: str | os.PathLike[str], artifact: str | os.PathLike
     if not src.is_file():
         raise InputError(f"input {src} is not a file; give a .jsonl/.jsonl.gz or .parquet file.")
     fmt = _input_format(src)
+    if shard_rows is None:
+        shard_rows = DEFAULT_SHARD_ROWS_COLBERT if return_colbert_vecs else DEFAULT_SHARD_ROWS
     if not isinstance(shard_rows, int) or isinstance(shard_rows, bool) or shard_rows < 1:
         raise InputError(f"shard_rows must be a positive integer, got {shard_rows!r}.")
     if colbert_dtype not in COLBERT_DTYPES:
@@ -245,15 +254,17 @@ def embed_corpus(input_path: str | os.PathLike[str], artifact: str | os.PathLike
         stale.unlink()
 
     started_ray = False
+    t_ray = time.perf_counter()
     if address is not None:
         ray.init(address=address)
         started_ray = True
     elif not ray.is_initialized():
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
         started_ray = True
+    res_ray_start = time.perf_counter() - t_ray
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    res = CorpusResult(out=dst)
+    res = CorpusResult(out=dst, ray_start_seconds=res_ray_start)
     try:
         threads = threads_per_worker or 1
         workers = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
@@ -273,7 +284,7 @@ def embed_corpus(input_path: str | os.PathLike[str], artifact: str | os.PathLike
                 prog.skipped += 1
                 continue
             pending.append((k, raw))
-            if len(pending) >= workers * SHARDS_IN_FLIGHT_PER_WORKER:
+            if len(pending) >= max(MIN_SHARDS_PER_WAVE, workers * SHARDS_PER_WORKER):
                 run(pending)
                 pending = []
         if pending:
