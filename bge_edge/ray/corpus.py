@@ -263,7 +263,7 @@ def embed_corpus(input_path: str | os.PathLike[str], artifact: str | os.PathLike
         started_ray = True
     res_ray_start = time.perf_counter() - t_ray
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # our own progress line instead
     res = CorpusResult(out=dst, ray_start_seconds=res_ray_start)
     try:
         threads = threads_per_worker or 1
@@ -290,6 +290,7 @@ def embed_corpus(input_path: str | os.PathLike[str], artifact: str | os.PathLike
         if pending:
             run(pending)
     finally:
+        ctx.enable_progress_bars = bars
         if started_ray:
             ray.shutdown()
     res.shards = n_shards
