@@ -175,72 +175,52 @@ class PackedIndex:
             np.cumsum(self._col_len[0], out=offsets[1:])
             self._col_offsets = offsets
 
-    @classmethod
-    def from_parquet(cls, path: PathLike, colbert_dtype: str = "float32",
-                     modes: Sequence[str] | None = None) -> PackedIndex:
-        """An index of the documents in Parquet written by ``bge-edge embed-corpus`` / ``bge_edge.ray``.
+    def add_packed(self, dense: np.ndarray | None = None,
+                   lexical: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                   colbert: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Append documents already in flat arrays (e.g. read from Arrow/Parquet) without per-document dicts.
 
-        path: one ``.parquet`` file, or an output folder (its shards in ``manifest.json`` order, else
-        ``*.parquet`` sorted by name); document i of the index is row i of the files in that order.
-        Reads the columns ``dense_vecs`` (fixed_size_list<float>[H]), ``lexical_weights`` (map<int, float>)
-        and ``colbert_vecs`` (list<fixed_size_list<float|halffloat>[H]>) that are present, or only ``modes``.
-        Needs pyarrow (``pip install 'bge-edge[ray]'``), imported here only: the kernels stay numpy-only.
+        dense (n, H) floats; lexical = (ids (nnz,) ints, weights (nnz,) floats, offsets (n + 1,)): document i's
+        {id: weight} is ids/weights[offsets[i]:offsets[i + 1]], each id once per document; colbert = (rows
+        (tokens, H) floats, offsets (n + 1,)), every document >= 1 row. Same modes on every call, as in `add`.
         """
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ImportError("PackedIndex.from_parquet needs pyarrow, not installed: run "
-                              "pip install 'bge-edge[ray]'  (or pip install pyarrow)") from None
-        files = _parquet_files(Path(path))
-        wanted = [f"{m}_vecs" if m != "sparse" else "lexical_weights" for m in (modes or MODE_NAMES)]
-        if modes is not None and any(m not in MODE_NAMES for m in modes):
-            raise KernelInputError(f"modes must be among {MODE_NAMES}, got {list(modes)!r}.")
-        index = cls(colbert_dtype)
-        for f in files:
-            have = set(pq.read_schema(f).names)
-            cols = [c for c in wanted if c in have]
-            if not cols:
-                raise KernelInputError(f"{f} has none of the columns {wanted}; was it written by embed-corpus?")
-            table = pq.read_table(f, columns=cols)
-            n = table.num_rows
-            parts: dict[str, Any] = {}
-            for c in cols:
-                arr = pa.concat_arrays(table.column(c).chunks) if table.column(c).num_chunks else None
-                if arr is None or arr.null_count:
-                    raise KernelInputError(f"{f}: column {c} holds nulls; every row needs its vectors.")
-                if c == "dense_vecs":
-                    parts[c] = arr.flatten().to_numpy(zero_copy_only=False).reshape(n, -1) if n else None
-                elif c == "lexical_weights":
-                    off = arr.offsets.to_numpy().astype(np.int64)
-                    ids = arr.keys.to_numpy(zero_copy_only=False)[off[0]:off[-1]].astype(np.int64)
-                    w = arr.items.to_numpy(zero_copy_only=False)[off[0]:off[-1]].astype(np.float32)
-                    off = off - off[0]
-                    seg = np.repeat(np.arange(n), np.diff(off))
-                    order = np.lexsort((ids, seg))  # ids ascending within each document, as pack_lexical keeps
-                    check_finite(w, f"{f}: lexical_weights")
-                    parts[c] = PackedLexical(ids[order], w[order], off)
-                else:
-                    off = arr.offsets.to_numpy().astype(np.int64)
-                    flat = arr.values.flatten().to_numpy(zero_copy_only=False)
-                    width = arr.type.value_type.list_size
-                    rows = flat.reshape(-1, width)[off[0]:off[-1]]
-                    parts[c] = np.split(rows, (off - off[0])[1:-1]) if n else []
-            given = tuple(c in parts for c in ("dense_vecs", "lexical_weights", "colbert_vecs"))
-            if index._modes is not None and given != index._modes:
-                raise KernelInputError(f"{f} holds other columns than the files before it; use one output folder.")
-            if n == 0:
-                continue
-            dense = parts.get("dense_vecs")
-            if dense is not None:
-                dense = as_float_matrix(dense, f"{f}: dense_vecs")
-                if index._dense and dense.shape[1] != index._dense[0].shape[1]:
-                    raise KernelInputError(f"{f}: dense_vecs hidden size {dense.shape[1]} differs from the files "
-                                           f"before it; use one model's output.")
-                check_finite(dense, f"{f}: dense_vecs")
-            col = index._pack_colbert(parts["colbert_vecs"]) if "colbert_vecs" in parts else None
-            index._append(given, dense, parts.get("lexical_weights"), col, n)  # type: ignore[arg-type]
-        return index
+        given = (dense is not None, lexical is not None, colbert is not None)
+        if not any(given):
+            raise KernelInputError("add_packed needs at least one of dense, lexical, colbert.")
+        if self._modes is not None and given != self._modes:
+            raise KernelInputError(f"this index holds modes {self.modes}; every add must give exactly those, "
+                                   f"got {tuple(m for m, g in zip(MODE_NAMES, given) if g)}.")
+        counts: dict[str, int] = {}
+        d = lex = None
+        col: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+        if dense is not None:
+            d = as_float_matrix(dense, "dense", allow_empty=True)
+            check_finite(d, "dense")
+            if self._dense and d.shape[1] != self._dense[0].shape[1]:
+                raise KernelInputError(f"dense hidden size {d.shape[1]} != this index's {self._dense[0].shape[1]}; "
+                                       f"use the same model for every add.")
+            counts["dense"] = d.shape[0]
+        if lexical is not None:
+            ids, w = np.asarray(lexical[0]), np.asarray(lexical[1])
+            if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu") or w.shape != ids.shape or \
+                    (w.size and w.dtype.kind != "f"):
+                raise KernelInputError(f"lexical must be (ids (nnz,) ints, weights (nnz,) floats, offsets), got ids "
+                                       f"{describe(ids)} and weights {describe(w)}.")
+            off = check_offsets(lexical[2], ids.shape[0], "lexical offsets", allow_empty_segments=True)
+            w = w.astype(np.float32)
+            check_finite(w, "lexical weights")
+            seg = np.repeat(np.arange(off.shape[0] - 1), np.diff(off))
+            order = np.lexsort((ids, seg))  # ids ascending within each document, as pack_lexical keeps them
+            lex = PackedLexical(ids.astype(np.int64)[order], w[order], off)
+            counts["lexical"] = off.shape[0] - 1
+        if colbert is not None:
+            rows = as_float_matrix(colbert[0], "colbert rows")
+            off = check_offsets(colbert[1], rows.shape[0], "colbert offsets", allow_empty_segments=False)
+            col = self._pack_colbert(np.split(rows, off[1:-1]) if off.shape[0] > 1 else [])
+            counts["colbert"] = off.shape[0] - 1
+        if len(set(counts.values())) != 1:
+            raise KernelInputError(f"every mode needs one entry per document, got counts {counts}.")
+        return self._append(given, d, lex, col, next(iter(counts.values())))
 
     # ---- searching --------------------------------------------------------------------------------
 
@@ -399,25 +379,6 @@ class PackedIndex:
         index._modes = modes  # type: ignore[assignment]
         index._n = n
         return index
-
-
-def _parquet_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise KernelInputError(f"{path} is neither a .parquet file nor a folder of them.")
-    manifest = path / "manifest.json"
-    if manifest.is_file():
-        import json
-
-        shards = json.loads(manifest.read_text(encoding="utf-8")).get("shards")
-        if shards is None:
-            raise KernelInputError(f"{manifest} lists no shards: the embed-corpus run is not finished; rerun it.")
-        return [path / s["file"] for s in shards]
-    files = sorted(path.glob("*.parquet"))
-    if not files:
-        raise KernelInputError(f"{path} holds no .parquet files.")
-    return files
 
 
 def _combine(scores: dict[int, np.ndarray], w: Sequence[float]) -> np.ndarray:

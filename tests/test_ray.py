@@ -231,7 +231,7 @@ def test_embed_corpus_rerun_after_an_interruption_completes_without_duplicates(
 
 def test_cli_embed_corpus_joins_a_cluster_with_address_and_feeds_packed_index(
         ray_local: Any, m3_artifact: Path, scifact: list[dict[str, str]], tmp_path: Path) -> None:
-    from bge_edge.kernels import PackedIndex
+    from bge_edge.ray import index_from_parquet
 
     rows = [{"_id": r["id"], "text": r["title"], "year": k} for k, r in enumerate(scifact[:300])]
     rows[10]["text"] = None
@@ -256,7 +256,7 @@ def test_cli_embed_corpus_joins_a_cluster_with_address_and_feeds_packed_index(
     assert [(e["row"], e["id"]) for e in errors] == [(10, rows[10]["_id"]), (11, rows[11]["_id"])]
     assert time.perf_counter() - t0 < 300
 
-    index = PackedIndex.from_parquet(out, colbert_dtype="float16")
+    index = index_from_parquet(out, colbert_dtype="float16")
     assert len(index) == 298 and index.modes == ("dense", "sparse", "colbert")
     model = Embedder(m3_artifact, precision="fp32")
     q = model.encode(rows[42]["text"], return_sparse=True, return_colbert_vecs=True)
@@ -300,11 +300,11 @@ def test_real_minilm_on_scifact_titles_equals_embedder(ray_local: Any, minilm_ar
     np.testing.assert_allclose(one, ref, rtol=0, atol=1e-5)
 
 
-def test_packed_index_from_parquet_equals_add_of_the_same_encode(m3_artifact: Path, tmp_path: Path) -> None:
+def test_index_from_parquet_equals_add_of_the_same_encode(m3_artifact: Path, tmp_path: Path) -> None:
     from bge_edge.kernels import KernelInputError, PackedIndex
     from conftest import PARITY_TEXTS
 
-    from bge_edge.ray import encoded_table
+    from bge_edge.ray import encoded_table, index_from_parquet
 
     model = Embedder(m3_artifact, precision="fp32")
     res = model.encode(PARITY_TEXTS, return_sparse=True, return_colbert_vecs=True)
@@ -312,7 +312,7 @@ def test_packed_index_from_parquet_equals_add_of_the_same_encode(m3_artifact: Pa
     half = len(PARITY_TEXTS) // 2
     for k, sl in enumerate((slice(0, half), slice(half, None))):  # two shards, read back in name order
         pq.write_table(pa.table({n: a[sl] for n, a in cols.items()}), tmp_path / f"part-{k}.parquet")
-    got = PackedIndex.from_parquet(tmp_path)
+    got = index_from_parquet(tmp_path)
     want = PackedIndex()
     want.add(**res)
     assert len(got) == len(want) == len(PARITY_TEXTS)
@@ -322,9 +322,31 @@ def test_packed_index_from_parquet_equals_add_of_the_same_encode(m3_artifact: Pa
         b = want.search(q["dense_vecs"], q["lexical_weights"], q["colbert_vecs"], k=5, weights=w)
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e-6)
-    only_dense = PackedIndex.from_parquet(tmp_path / "part-0.parquet", modes=["dense"])
+    only_dense = index_from_parquet(tmp_path / "part-0.parquet", modes=["dense"])
     assert only_dense.modes == ("dense",) and len(only_dense) == half
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "manifest.json").write_text('{"format": "bge-edge-corpus", "complete": false}')
     with pytest.raises(KernelInputError, match="not finished"):
-        PackedIndex.from_parquet(tmp_path / "out")
+        index_from_parquet(tmp_path / "out")
+
+
+def test_packed_index_add_packed_equals_add_and_names_bad_offsets() -> None:
+    from bge_edge.kernels import KernelInputError, PackedIndex
+
+    rng = np.random.default_rng(0)
+    dense = rng.standard_normal((3, 8)).astype(np.float32)
+    lex = [{"7": 0.5, "2": 0.25}, {}, {"2": 1.0}]
+    col = [rng.standard_normal((k, 8)).astype(np.float32) for k in (1, 4, 2)]
+    a, b = PackedIndex(), PackedIndex()
+    a.add(dense, lex, col)
+    b.add_packed(dense, (np.array([7, 2, 2]), np.array([0.5, 0.25, 1.0], np.float32), np.array([0, 2, 2, 3])),
+                 (np.concatenate(col), np.array([0, 1, 5, 7])))
+    q = rng.standard_normal(8).astype(np.float32)
+    for k in ("dense", "sparse", "colbert"):
+        kw = {"query_dense": q} if k == "dense" else {"query_sparse": {"2": 1.0, "7": 2.0}} if k == "sparse" \
+            else {"query_colbert": col[1]}
+        np.testing.assert_allclose(a.search(**kw, k=3)[1], b.search(**kw, k=3)[1], rtol=0, atol=1e-6)
+    with pytest.raises(KernelInputError, match="colbert offsets"):
+        PackedIndex().add_packed(colbert=(np.concatenate(col), np.array([0, 1, 1, 7])))  # an empty document
+    with pytest.raises(KernelInputError, match="one entry per document"):
+        PackedIndex().add_packed(dense, colbert=(np.concatenate(col), np.array([0, 7])))

@@ -8,7 +8,7 @@ Output columns (Arrow types, identical in the Dataset and in the Parquet shards)
     dense_vecs       fixed_size_list<float32>[H]             L2-normalised, as ``Embedder.encode``
     lexical_weights  map<int32, float32>                      token id -> weight, ids ascending
     colbert_vecs     list<fixed_size_list<float32|float16>[H]> one row per token after CLS
-Every input column is kept as it is.
+Every input column is kept as it is. ``index_from_parquet`` turns the shards into a ``bge_edge.kernels.PackedIndex``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ if _missing:
 
 from .corpus import CorpusResult, embed_corpus  # noqa: E402
 from .dataset import COLBERT_DTYPES, BadRowsError, embed_dataset, encoded_table  # noqa: E402
+from .index import index_from_parquet  # noqa: E402
 
 __all__ = ["embed_dataset", "embed_corpus", "CorpusResult", "BadRowsError", "encoded_table", "COLBERT_DTYPES",
-           "INSTALL"]
+           "INSTALL", "index_from_parquet"]
