@@ -350,3 +350,16 @@ def test_packed_index_add_packed_equals_add_and_names_bad_offsets() -> None:
         PackedIndex().add_packed(colbert=(np.concatenate(col), np.array([0, 1, 1, 7])))  # an empty document
     with pytest.raises(KernelInputError, match="one entry per document"):
         PackedIndex().add_packed(dense, colbert=(np.concatenate(col), np.array([0, 7])))
+
+
+def test_jsonl_shard_parsing_keeps_every_field_and_names_bad_lines() -> None:
+    from bge_edge.ray.corpus import ROW, _parse_shard
+
+    lines = ['{"id": 1, "text": "a"}', '{"id": 2, "text": "b", "lang": "en"}', "[1, 2]", "not json",
+             '{"_id": "x", "text": "  "}', '{"id": 6, "text": 5}']
+    table, errors = _parse_shard(3, lines, 10, "text", None)
+    assert table.column_names == ["id", "text", "lang", ROW]
+    assert table.column("lang").to_pylist() == [None, "en"] and table.column(ROW).to_pylist() == [30, 31]
+    assert [(e["row"], e["id"], e["reason"].split(" (")[0]) for e in errors] == [
+        (32, None, "a JSON list, not an object"), (33, None, "not JSON"), (34, "x", "text is empty"),
+        (35, 6, "text is int, not a string")]

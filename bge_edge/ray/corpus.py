@@ -159,8 +159,9 @@ def _parse_shard(k: int, raw: Any, shard_rows: int, text_column: str, id_column:
             continue
         rows.append(obj)
         positions.append(first + i)
+    columns = dict.fromkeys(k for r in rows for k in r)  # every field any row has, first-seen order
     try:
-        table = pa.Table.from_pylist(rows)
+        table = pa.Table.from_pydict({c: [r.get(c) for r in rows] for c in columns})
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise InputError(f"shard {k} (input rows {first}..{first + len(raw) - 1}): the JSON objects do not fit one "
                          f"table ({e}); give every row the same fields with the same types.") from None
@@ -176,6 +177,14 @@ def _job_record(input_path: Path, artifact: Path, precision: str | None, text_co
             "precision": precision, "text_column": text_column, "shard_rows": shard_rows,
             "heads": ["dense"] + (["sparse"] if return_sparse else []) + (["colbert"] if return_colbert_vecs else []),
             "colbert_dtype": colbert_dtype if return_colbert_vecs else None}
+
+
+def _identity(job: Any) -> dict[str, Any]:
+    """The job record without file paths: moving the input or the artifact does not make it another job."""
+    if not isinstance(job, dict):
+        return {}
+    return {k: ({kk: vv for kk, vv in v.items() if kk != "path"} if isinstance(v, dict) else v)
+            for k, v in job.items()}
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -242,8 +251,8 @@ def embed_corpus(input_path: str | os.PathLike[str], artifact: str | os.PathLike
             old = json.loads(mpath.read_text(encoding="utf-8"))
         except ValueError as e:
             raise BgeEdgeError(f"{mpath} is not valid JSON ({e}); it is not a bge-edge output folder.") from None
-        if old.get("format") != FORMAT or old.get("job") != job:
-            diff = sorted(k for k in job if old.get("job", {}).get(k) != job[k])
+        if old.get("format") != FORMAT or _identity(old.get("job")) != _identity(job):
+            diff = sorted(k for k in job if _identity(old.get("job")).get(k) != _identity(job)[k])
             raise InputError(f"{dst} holds the output of a different job (differs in {diff}); resume needs the "
                              f"same input, artifact and settings. Use a new --out or delete {dst}.")
     else:
