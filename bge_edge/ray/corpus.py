@@ -383,7 +383,9 @@ def _write_shard(dst: Path, k: int, parts: list[pa.Table], expected_rows: np.nda
         (dst / _errors_name(k)).unlink(missing_ok=True)
     final = dst / _shard_name(k)
     tmp = dst / f".{final.name}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp)
+    # Dictionary encoding suits the input's columns, not float vectors: on them it adds ~53 % (MiniLM dense: 2,355
+    # vs 1,539 bytes/row for 1,536 raw bytes), so it is kept for the input's columns only.
+    pq.write_table(table, tmp, use_dictionary=[c for c in table.column_names if c not in OUTPUT_COLUMNS])
     os.replace(tmp, final)  # the shard is finished only now
 
 
