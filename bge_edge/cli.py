@@ -1,4 +1,4 @@
-"""The ``bge-edge`` command: export, encode, info, verify, serve, bundle.
+"""The ``bge-edge`` command: export, encode, info, verify, serve, bundle, embed-corpus.
 
 Errors that a user can cause print one line (``bge-edge: error: ...``) and exit 2; the export
 subcommand imports the heavy ``[export]`` extra only when it runs.
@@ -182,6 +182,21 @@ def _bundle(a: argparse.Namespace) -> int:
     return 0
 
 
+def _embed_corpus(a: argparse.Namespace) -> int:
+    from bge_edge.ray import embed_corpus
+
+    r = embed_corpus(a.input, a.artifact, a.out, address=a.address, concurrency=a.concurrency,
+                     threads_per_worker=a.threads_per_worker, return_sparse=a.sparse, return_colbert_vecs=a.colbert,
+                     colbert_dtype=a.colbert_dtype, text_column=a.text_column, id_column=a.id_column,
+                     precision=a.precision, shard_rows=a.shard_rows, batch_size=a.batch_size)
+    print(f"embed-corpus: {r.manifest['rows']:,} rows in {r.shards} shards under {r.out} ({r.shards_skipped} "
+          f"finished earlier); this run {r.rows:,} rows in {r.seconds:,.1f} s ({r.rows_per_second:,.0f} rows/s)")
+    if r.bad_rows:
+        print(f"embed-corpus: {r.bad_rows} bad row(s) skipped, listed with id and reason in "
+              f"{r.out / 'errors.jsonl'}", file=sys.stderr)
+    return 0
+
+
 def _serve(a: argparse.Namespace) -> int:
     from bge_edge.serve import run
     from bge_edge.serve.config import config_from_args
@@ -258,6 +273,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--wheel", default=None, help="a prebuilt bge-edge wheel (default: build one from the source)")
     b.add_argument("--force", action="store_true", help="replace an existing bundle")
     b.set_defaults(func=_bundle)
+
+    r = sub.add_parser("embed-corpus", help="embed a JSON lines or Parquet corpus into Parquet shards on Ray "
+                                            "(needs [ray]); exactly once, a rerun resumes")
+    r.add_argument("input", help="a .jsonl / .jsonl.gz file (one JSON object per line) or a .parquet file")
+    r.add_argument("--artifact", required=True, help="artifact folder (the same path on every Ray node)")
+    r.add_argument("--out", required=True, help="output folder: shard-NNNNN.parquet, manifest.json, errors.jsonl")
+    r.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray here)")
+    r.add_argument("--concurrency", type=int, default=None, help="workers (default: the cluster's CPUs // threads)")
+    r.add_argument("--threads-per-worker", type=int, default=None, help="ONNX Runtime threads per worker (default 1)")
+    r.add_argument("--sparse", action="store_true", help="also write lexical_weights (BGE-M3)")
+    r.add_argument("--colbert", action="store_true", help="also write colbert_vecs (BGE-M3)")
+    r.add_argument("--colbert-dtype", default="float32", choices=["float32", "float16"],
+                   help="storage of colbert_vecs: float16 halves it (scores within ~1e-3)")
+    r.add_argument("--precision", default=None, choices=["fp32", "int8", "fp16"])
+    r.add_argument("--text-column", default="text")
+    r.add_argument("--id-column", default=None, help="names bad rows in errors.jsonl (default: id or _id)")
+    r.add_argument("--shard-rows", type=int, default=None,
+                   help="rows per output shard (default 10000; 1000 with --colbert)")
+    r.add_argument("--batch-size", type=int, default=None, help="rows per Ray task (default 256)")
+    r.set_defaults(func=_embed_corpus)
 
     s = sub.add_parser("serve", help="HTTP sidecar: OpenAI-compatible embeddings, sparse, ColBERT, scoring "
                                      "(needs [serve]); every flag has a BGE_EDGE_* environment twin")

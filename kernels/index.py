@@ -102,7 +102,11 @@ class PackedIndex:
             counts["colbert_vecs"] = col[1].shape[0]
         if len(set(counts.values())) != 1:
             raise KernelInputError(f"every mode needs one entry per document, got counts {counts}.")
-        n = next(iter(counts.values()))
+        return self._append(given, dense, lex, col, next(iter(counts.values())))
+
+    def _append(self, given: tuple[bool, bool, bool], dense: np.ndarray | None, lex: PackedLexical | None,
+                col: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None, n: int) -> np.ndarray:
+        """Append checked, packed parts of n documents (the second half of `add` and `from_parquet`)."""
         if dense is not None:
             self._dense.append(np.ascontiguousarray(dense))
         if lex is not None:
@@ -170,6 +174,53 @@ class PackedIndex:
             offsets = np.zeros(self._col_len[0].shape[0] + 1, np.int64)
             np.cumsum(self._col_len[0], out=offsets[1:])
             self._col_offsets = offsets
+
+    def add_packed(self, dense: np.ndarray | None = None,
+                   lexical: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                   colbert: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Append documents already in flat arrays (e.g. read from Arrow/Parquet) without per-document dicts.
+
+        dense (n, H) floats; lexical = (ids (nnz,) ints, weights (nnz,) floats, offsets (n + 1,)): document i's
+        {id: weight} is ids/weights[offsets[i]:offsets[i + 1]], each id once per document; colbert = (rows
+        (tokens, H) floats, offsets (n + 1,)), every document >= 1 row. Same modes on every call, as in `add`.
+        """
+        given = (dense is not None, lexical is not None, colbert is not None)
+        if not any(given):
+            raise KernelInputError("add_packed needs at least one of dense, lexical, colbert.")
+        if self._modes is not None and given != self._modes:
+            raise KernelInputError(f"this index holds modes {self.modes}; every add must give exactly those, "
+                                   f"got {tuple(m for m, g in zip(MODE_NAMES, given) if g)}.")
+        counts: dict[str, int] = {}
+        d = lex = None
+        col: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+        if dense is not None:
+            d = as_float_matrix(dense, "dense", allow_empty=True)
+            check_finite(d, "dense")
+            if self._dense and d.shape[1] != self._dense[0].shape[1]:
+                raise KernelInputError(f"dense hidden size {d.shape[1]} != this index's {self._dense[0].shape[1]}; "
+                                       f"use the same model for every add.")
+            counts["dense"] = d.shape[0]
+        if lexical is not None:
+            ids, w = np.asarray(lexical[0]), np.asarray(lexical[1])
+            if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu") or w.shape != ids.shape or \
+                    (w.size and w.dtype.kind != "f"):
+                raise KernelInputError(f"lexical must be (ids (nnz,) ints, weights (nnz,) floats, offsets), got ids "
+                                       f"{describe(ids)} and weights {describe(w)}.")
+            off = check_offsets(lexical[2], ids.shape[0], "lexical offsets", allow_empty_segments=True)
+            w = w.astype(np.float32)
+            check_finite(w, "lexical weights")
+            seg = np.repeat(np.arange(off.shape[0] - 1), np.diff(off))
+            order = np.lexsort((ids, seg))  # ids ascending within each document, as pack_lexical keeps them
+            lex = PackedLexical(ids.astype(np.int64)[order], w[order], off)
+            counts["lexical"] = off.shape[0] - 1
+        if colbert is not None:
+            rows = as_float_matrix(colbert[0], "colbert rows")
+            off = check_offsets(colbert[1], rows.shape[0], "colbert offsets", allow_empty_segments=False)
+            col = self._pack_colbert(np.split(rows, off[1:-1]) if off.shape[0] > 1 else [])
+            counts["colbert"] = off.shape[0] - 1
+        if len(set(counts.values())) != 1:
+            raise KernelInputError(f"every mode needs one entry per document, got counts {counts}.")
+        return self._append(given, d, lex, col, next(iter(counts.values())))
 
     # ---- searching --------------------------------------------------------------------------------
 
