@@ -34,6 +34,29 @@ def scifact_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def scifact_ndcg(scifact_dir: Path):  # type: ignore[no-untyped-def]
+    """SciFact nDCG@10 (all 5,183 documents, 300 queries) of an artifact run by (backend, precision); each
+    combination is encoded once per session (one pass of real MiniLM over SciFact is ~1.3M tokens)."""
+    from bge_edge.runtime import Embedder
+
+    from bench.retrieval import load_task, ndcg_at_k, rank
+
+    task = load_task(scifact_dir)
+    scores: dict[tuple[str, str, str], float] = {}
+
+    def score(artifact: Path, backend: str, precision: str) -> float:
+        key = (str(artifact), backend, precision)
+        if key not in scores:
+            model = Embedder(artifact, precision=precision, backend=backend, hash_cache=False)
+            docs = model.encode_corpus(task.docs, batch_size=64)["dense_vecs"]
+            queries = model.encode_queries(task.queries, batch_size=64)["dense_vecs"]
+            scores[key] = ndcg_at_k(task, rank(queries, docs))
+        return scores[key]
+
+    return score
+
+
+@pytest.fixture(scope="session")
 def tiny_m3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from bge_edge.export import TINY_M3, build_random_model
 

@@ -195,16 +195,8 @@ def test_openvino_backend_imports_openvino_and_nothing_heavy(m3_ov_artifact: Pat
 
 @pytest.mark.slow
 def test_openvino_int8_scifact_within_a_point_of_fp32(minilm_artifact: Path, minilm_ov_artifact: Path,
-                                                      scifact_dir: Path) -> None:
-    from bench.retrieval import load_task, ndcg_at_k, rank
-
-    task = load_task(scifact_dir)
-    scores = {}
-    for name, art, backend, precision in (("onnx fp32", minilm_artifact, "onnxruntime", "fp32"),
-                                          ("openvino int8", minilm_ov_artifact, "openvino", "int8")):
-        model = Embedder(art, precision=precision, backend=backend, hash_cache=False)
-        docs = model.encode_corpus(task.docs, batch_size=64)["dense_vecs"]
-        queries = model.encode_queries(task.queries, batch_size=64)["dense_vecs"]
-        scores[name] = ndcg_at_k(task, rank(queries, docs))
+                                                      scifact_ndcg) -> None:  # type: ignore[no-untyped-def]
+    scores = {"onnx fp32": scifact_ndcg(minilm_artifact, "onnxruntime", "fp32"),
+              "openvino int8": scifact_ndcg(minilm_ov_artifact, "openvino", "int8")}
     print(f"SciFact nDCG@10: {scores}")
     assert abs(scores["openvino int8"] - scores["onnx fp32"]) <= 1.0

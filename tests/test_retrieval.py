@@ -6,23 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from bge_edge.runtime import Embedder
 
-from bench.retrieval import load_task, ndcg_at_k, rank
+from bench.retrieval import load_task
 
 MTEB_SCIFACT_MINILM_L6 = 64.51  # published MTEB nDCG@10 of sentence-transformers/all-MiniLM-L6-v2 on SciFact
 
 
 @pytest.mark.slow
-def test_scifact_ndcg_reproduces_mteb_and_int8_stays_within_a_point(minilm_artifact: Path, scifact_dir: Path) -> None:
+def test_scifact_ndcg_reproduces_mteb_and_int8_stays_within_a_point(minilm_artifact: Path, scifact_dir: Path,
+                                                                    scifact_ndcg) -> None:  # type: ignore[no-untyped-def]
     task = load_task(scifact_dir)
     assert len(task.docs) == 5183 and len(task.queries) == 300
-    scores = {}
-    for precision in ("fp32", "int8"):
-        model = Embedder(minilm_artifact, precision=precision, hash_cache=False)
-        docs = model.encode_corpus(task.docs, batch_size=64)["dense_vecs"]
-        queries = model.encode_queries(task.queries, batch_size=64)["dense_vecs"]
-        scores[precision] = ndcg_at_k(task, rank(queries, docs))
+    scores = {p: scifact_ndcg(minilm_artifact, "onnxruntime", p) for p in ("fp32", "int8")}
     print(f"SciFact nDCG@10: fp32 {scores['fp32']:.2f}, int8 {scores['int8']:.2f} (MTEB {MTEB_SCIFACT_MINILM_L6})")
     assert abs(scores["fp32"] - MTEB_SCIFACT_MINILM_L6) <= 0.5
     assert abs(scores["int8"] - scores["fp32"]) <= 1.0
