@@ -170,10 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8", "fp16"])
     e.add_argument("--format", nargs="+", default=["onnx"], choices=["onnx", "openvino"],
                    help="graph formats: onnx (ONNX Runtime), openvino (IR; needs the [openvino] extra)")
-    e.add_argument("--kind", default="auto", choices=["auto", "m3", "dense"])
+    e.add_argument("--kind", default="auto", choices=["auto", "m3", "dense", "reranker"],
+                   help="auto: reranker for a one-label sequence classifier, m3 for XLM-R, dense for BERT")
     e.add_argument("--force", action="store_true", help="replace an existing --out")
     e.add_argument("--min-int8-cosine", type=float, default=0.99,
-                   help="refuse INT8 whose mean dense cosine to FP32 is below this (0 for random-weight models)")
+                   help="refuse INT8 whose mean dense cosine (rerankers: score Pearson correlation) to FP32 is below "
+                        "this (0 for random-weight models)")
     e.add_argument("--query-instruction", default=None, help="override the query instruction recorded")
     e.add_argument("--max-length", type=int, default=None, help="override the model's max length")
     e.set_defaults(func=_export)

@@ -21,9 +21,9 @@ __all__ = ["SCHEMA_VERSION", "MANIFEST_NAME", "FileEntry", "GraphEntry", "Manife
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
-KINDS = ("m3", "dense")
+KINDS = ("m3", "dense", "reranker")
 POOLINGS = ("cls", "mean")
-HEADS = ("dense", "sparse", "colbert")
+HEADS = ("dense", "sparse", "colbert", "score")  # "score": a cross-encoder's raw logit
 FORMATS = ("onnx", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -59,8 +59,8 @@ class Manifest:
 
     schema_version: int
     source: Mapping[str, Any]  # {"model_id": ..., "revision": ...}
-    kind: str  # "m3" | "dense"
-    heads: tuple[str, ...]
+    kind: str  # "m3" | "dense" | "reranker"
+    heads: tuple[str, ...]  # reranker: ("score",)
     pooling: str  # "cls" | "mean"
     hidden_size: int
     attention_heads: int
@@ -126,7 +126,10 @@ def parse_manifest(d: Mapping[str, Any]) -> Manifest:
                             f"{SCHEMA_VERSION}); upgrade bge-edge or re-export the artifact with this version.")
     kind = _one_of(_req(d, "kind", str, "manifest"), KINDS, "kind")
     heads = tuple(_one_of(h, HEADS, "head") for h in _req(d, "heads", list, "manifest"))
-    if "dense" not in heads:
+    if kind == "reranker" and heads != ("score",):
+        raise ArtifactError(f"a reranker manifest must list exactly the 'score' head, not {list(heads)}; re-export "
+                            f"the artifact.")
+    if kind != "reranker" and "dense" not in heads:
         raise ArtifactError("manifest lists no 'dense' head; re-export the artifact.")
     graphs = []
     for i, g in enumerate(_req(d, "graphs", list, "manifest")):
