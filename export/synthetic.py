@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["ModelShape", "TINY_M3", "TINY_BERT", "FULL_M3", "FULL_BGE_SMALL", "TINY_RERANKER_M3", "TINY_RERANKER_BASE",
-           "FULL_RERANKER_M3", "build_random_model"]
+           "FULL_RERANKER_M3", "FULL_RERANKER_BASE", "build_random_model"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,9 @@ TINY_RERANKER_M3 = ModelShape("reranker", layers=2, hidden=32, heads=4, intermed
 TINY_RERANKER_BASE = ModelShape("reranker", layers=2, hidden=32, heads=4, intermediate=64, vocab=1200,
                                 max_length=512, tokenizer_vocab=1000, initializer_range=0.3)
 FULL_RERANKER_M3 = ModelShape("reranker", layers=24, hidden=1024, heads=16, intermediate=4096, vocab=250002,
-                              max_length=8192, tokenizer_vocab=8000)
+                              max_length=8192, tokenizer_vocab=8000, initializer_range=0.3)
+FULL_RERANKER_BASE = ModelShape("reranker", layers=12, hidden=768, heads=12, intermediate=3072, vocab=250002,
+                                max_length=512, tokenizer_vocab=8000, initializer_range=0.3)
 FULL_BGE_SMALL = ModelShape("dense", layers=12, hidden=384, heads=12, intermediate=1536, vocab=30522,
                             max_length=512, tokenizer_vocab=8000)
 
