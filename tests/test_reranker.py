@@ -257,3 +257,33 @@ def test_reranker_runtime_never_imports_heavy_packages(reranker_base_artifact: P
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+PEERS_PYTHON = Path(__file__).resolve().parents[1] / ".venv-bench" / "bin" / "python"
+_FLAG_CODE = """
+import json, sys
+from FlagEmbedding import FlagReranker
+src, pairs, lengths = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+r = FlagReranker(src, use_fp16=False, devices="cpu")
+out = {str(n): [r.compute_score(pairs, max_length=n, normalize=norm) for norm in (False, True)] for n in lengths}
+out["single"] = r.compute_score(pairs[0])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PEERS_PYTHON.exists(),
+                    reason="FlagEmbedding lives in the peers' venv: bash bench/setup_peers.sh")
+@pytest.mark.parametrize("layout", ["m3", "base"])
+def test_matches_flagembedding_flagreranker_itself(layout: str, m3_fp32: Reranker, base_fp32: Reranker,
+                                                   tiny_reranker_m3_dir: Path, tiny_reranker_base_dir: Path) -> None:
+    """The real FlagEmbedding FlagReranker (1.4, transformers 4.x, in .venv-bench), not only its math."""
+    model, src = (m3_fp32, tiny_reranker_m3_dir) if layout == "m3" else (base_fp32, tiny_reranker_base_dir)
+    lengths = [512, 64, 16] + ([4096] if layout == "m3" else [])
+    r = subprocess.run([str(PEERS_PYTHON), "-c", _FLAG_CODE, str(src), json.dumps(PAIRS), json.dumps(lengths)],
+                       capture_output=True, text=True, timeout=600, env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    flag = json.loads(r.stdout.strip().splitlines()[-1])
+    for n in lengths:
+        for norm, want in zip((False, True), flag[str(n)]):
+            assert _max_diff(model.compute_score(PAIRS, max_length=n, normalize=norm), want) <= PARITY_TOLERANCE
