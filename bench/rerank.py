@@ -281,7 +281,17 @@ def main() -> None:
             "timeout": a.timeout, "work": candidates(a.queries + 1, a.top)}  # the last query is the warm-up
     spec_path = CACHE / f"rerank-spec-{a.shape}.json"
     spec_path.write_text(json.dumps(spec))
-    results = []
+    out = Path(a.out) if a.out else (None if a.shape == "tiny" else RESULTS / "rerank.md")
+    results: list[dict[str, Any]] = []
+
+    def write() -> str:  # after every system, so a run cut short keeps what it measured
+        text = report(a, exp, results, time.perf_counter() - t0)
+        if out is not None:
+            out.write_text(text)
+            out.with_suffix(".json").write_text(json.dumps({"export": exp, "results": [
+                {k: v for k, v in r.items() if k != "scores"} for r in results], "machine": machine()}, indent=1))
+        return text
+
     for s in a.systems:
         if s.startswith("edge") and "failed" in exp:
             results.append({"system": s, "skipped": f"export {exp['failed']}"})
@@ -290,14 +300,12 @@ def main() -> None:
             results.append({"system": s, "skipped": "FlagReranker itself runs (flag-fp32)"})
             continue
         print(f"bench.rerank: {s} ...", file=sys.stderr, flush=True)
-        results.append(run_system(s, spec, spec_path))
-    text = report(a, exp, results, time.perf_counter() - t0)
-    print(text)
-    out = Path(a.out) if a.out else (None if a.shape == "tiny" else RESULTS / "rerank.md")
-    if out is not None:
-        out.write_text(text)
-        (out.with_suffix(".json")).write_text(json.dumps({"export": exp, "results": [
-            {k: v for k, v in r.items() if k != "scores"} for r in results], "machine": machine()}, indent=1))
+        try:
+            results.append(run_system(s, spec, spec_path))
+        except subprocess.TimeoutExpired:
+            results.append({"system": s, "skipped": f"over --timeout {a.timeout} s"})
+        write()
+    print(write())
 
 
 def report(a: argparse.Namespace, exp: dict[str, Any], results: list[dict[str, Any]], seconds: float) -> str:

@@ -287,3 +287,15 @@ def test_matches_flagembedding_flagreranker_itself(layout: str, m3_fp32: Reranke
     for n in lengths:
         for norm, want in zip((False, True), flag[str(n)]):
             assert _max_diff(model.compute_score(PAIRS, max_length=n, normalize=norm), want) <= PARITY_TOLERANCE
+
+
+def test_fp16_export_for_gpus_agrees_with_fp32(tiny_reranker_base_dir: Path, base_fp32: Reranker,
+                                               tmp_path: Path) -> None:
+    from bge_edge.export import export_model
+
+    m = export_model(tiny_reranker_base_dir, tmp_path / "fp16", ["fp16"], quiet=True)
+    g = m.graph("fp16")
+    assert g.accuracy["score_pearson"] >= 0.999 and g.cpu_target == "gpu"
+    r = Reranker(tmp_path / "fp16", precision="fp16", backend="onnxruntime", hash_cache=False)  # runs on CPU too
+    pairs = PAIRS[:14]
+    assert _max_diff(r.compute_score(pairs), base_fp32.compute_score(pairs)) < 0.05
