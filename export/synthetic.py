@@ -82,7 +82,7 @@ def _training_corpus(seed: int, n: int = 3000) -> list[str]:
     return out
 
 
-def _xlmr_tokenizer(vocab_size: int, seed: int):
+def _xlmr_tokenizer(vocab_size: int, seed: int, corpus: list[str] | None = None):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.Unigram())
@@ -91,7 +91,7 @@ def _xlmr_tokenizer(vocab_size: int, seed: int):
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
                                       unk_token="<unk>", max_piece_length=8)
-    tok.train_from_iterator(_training_corpus(seed), trainer)
+    tok.train_from_iterator(corpus or _training_corpus(seed), trainer)
     tok.add_special_tokens(["<mask>"])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
@@ -119,10 +119,12 @@ def _bert_tokenizer(vocab_size: int, seed: int):
 
 
 def build_random_model(out_dir: str | Path, shape: ModelShape = TINY_M3, seed: int = 0,
-                       pooling: str = "cls") -> Path:
+                       pooling: str = "cls", tokenizer_corpus: list[str] | None = None) -> Path:
     """Write a seeded random model of ``shape`` in Hugging Face layout to ``out_dir``; return the folder.
 
     ``pooling`` goes into the sentence-transformers ``1_Pooling/config.json`` (``cls`` or ``mean``).
+    ``tokenizer_corpus`` (XLM-R shapes): texts to train the tokenizer on instead of the built-in multilingual
+    sentences, e.g. the benchmark's corpus, so its token counts are near a real tokenizer's.
     Needs the ``[export]`` extra (torch, transformers, safetensors).
     """
     import torch
@@ -146,7 +148,7 @@ def build_random_model(out_dir: str | Path, shape: ModelShape = TINY_M3, seed: i
             model = transformers.XLMRobertaForSequenceClassification(cfg)
         else:
             model = transformers.XLMRobertaModel(cfg, add_pooling_layer=False)
-        tok, specials = _xlmr_tokenizer(shape.tokenizer_vocab, seed)
+        tok, specials = _xlmr_tokenizer(shape.tokenizer_vocab, seed, tokenizer_corpus)
         tok_class = "XLMRobertaTokenizer"
     elif shape.kind == "dense":
         cfg = transformers.BertConfig(
