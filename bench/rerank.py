@@ -186,12 +186,12 @@ def build_source(shape: str) -> tuple[Path, float]:
     return src, time.perf_counter() - t
 
 
-def export(src: Path, out: Path, max_gb: float) -> dict[str, Any]:
-    """Export fp32 + int8 (ONNX + OpenVINO) in a child process; stop it if its RSS passes ``max_gb``."""
+def export(src: Path, out: Path, max_gb: float, formats: tuple[str, ...] = ("onnx", "openvino")) -> dict[str, Any]:
+    """Export fp32 + int8 (``formats``) in a child process; stop it if its RSS passes ``max_gb``."""
     if (out / "manifest.json").is_file():
         return {"reused": True, **_sizes(out)}
     code = ("import sys; from bge_edge.export import export_model; "
-            f"export_model({str(src)!r}, {str(out)!r}, ['fp32', 'int8'], formats=('onnx', 'openvino'), force=True, "
+            f"export_model({str(src)!r}, {str(out)!r}, ['fp32', 'int8'], formats={tuple(formats)!r}, force=True, "
             "min_int8_cosine=0.0)")
     t = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
@@ -270,6 +270,8 @@ def main() -> None:
     p.add_argument("--systems", nargs="+", default=[*EDGE, "flag-fp32", "torch-fp32", "st-torch", "st-onnx",
                                                     "st-openvino"])
     p.add_argument("--max-export-gb", type=float, default=10.0)
+    p.add_argument("--formats", nargs="+", default=["onnx", "openvino"], choices=["onnx", "openvino"],
+                   help="graph formats to export (edge-ov-* need openvino)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per system")
     p.add_argument("--out", default=None, help="results file (default bench/results/rerank.md; tiny: not written)")
     a = p.parse_args()
@@ -279,7 +281,7 @@ def main() -> None:
     t0 = time.perf_counter()
     src, build_s = build_source(a.shape)
     art = CACHE / f"edge-reranker-{a.shape}"
-    exp = export(src, art, a.max_export_gb)
+    exp = export(src, art, a.max_export_gb, tuple(a.formats))
     exp["source_build_s"] = round(build_s, 1)
     spec = {"artifact": str(art), "source": str(src), "queries": a.queries, "top": a.top, "threads": a.threads,
             "timeout": a.timeout, "work": candidates(a.queries + 1, a.top)}  # the last query is the warm-up
@@ -327,8 +329,8 @@ def report(a: argparse.Namespace, exp: dict[str, Any], results: list[dict[str, A
              f"- **Workload**: {a.queries} timed queries (after a 16-pair warm-up) x {a.top} pairs, FlagReranker "
              f"truncation at {MAX_LENGTH} tokens, one query per call; each system in a fresh process. Run took "
              f"{seconds / 60:.1f} min: "
-             f"`python -m bench.rerank --shape {a.shape} --queries {a.queries}`",
-             "- **Export** (fp32 + int8, ONNX + OpenVINO, one process): "
+             f"`python -m bench.rerank {' '.join(sys.argv[1:])}`",
+             f"- **Export** (fp32 + int8, {' + '.join(a.formats)}, one process): "
              + (f"stopped/failed ({exp['failed']}) after {exp.get('seconds')} s at peak RSS {exp.get('peak_rss_gb')} GB"
                 if "failed" in exp else
                 f"{exp.get('seconds', 'reused')} s, peak RSS {exp.get('peak_rss_gb', '?')} GB; graph sizes MB "
