@@ -1,4 +1,4 @@
-"""The ``bge-edge`` command: export, encode, info, verify, serve, bundle, embed-corpus.
+"""The ``bge-edge`` command: export, encode, rerank, info, verify, serve, bundle, embed-corpus.
 
 Errors that a user can cause print one line (``bge-edge: error: ...``) and exit 2; the export
 subcommand imports the heavy ``[export]`` extra only when it runs.
@@ -112,6 +112,23 @@ def _encode(a: argparse.Namespace) -> int:
     return 0
 
 
+def _rerank(a: argparse.Namespace) -> int:
+    from bge_edge.runtime import Reranker
+
+    passages = _read_texts(a.input, a.jsonl)
+    model = Reranker(a.artifact, precision=a.precision, backend=a.backend, device=a.device, threads=a.threads)
+    ranked = model.rerank(a.query, passages, top_k=a.top_k, batch_size=a.batch_size, max_length=a.max_length,
+                          normalize=a.normalize)
+    out = sys.stdout
+    for i, score in ranked:
+        out.write(json.dumps({"index": i, "score": round(score, 8), "text": passages[i]}, ensure_ascii=False) + "\n")
+    out.flush()
+    if model.last_stats.truncated:
+        print(f"bge-edge: {model.last_stats.truncated} of {len(passages)} (query, passage) pairs were truncated to "
+              f"{a.max_length} tokens (--max-length)", file=sys.stderr)
+    return 0
+
+
 def _info(a: argparse.Namespace) -> int:
     import onnxruntime as ort
 
@@ -214,10 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8", "fp16"])
     e.add_argument("--format", nargs="+", default=["onnx"], choices=["onnx", "openvino"],
                    help="graph formats: onnx (ONNX Runtime), openvino (IR; needs the [openvino] extra)")
-    e.add_argument("--kind", default="auto", choices=["auto", "m3", "dense"])
+    e.add_argument("--kind", default="auto", choices=["auto", "m3", "dense", "reranker"],
+                   help="auto: reranker for a one-label sequence classifier, m3 for XLM-R, dense for BERT")
     e.add_argument("--force", action="store_true", help="replace an existing --out")
     e.add_argument("--min-int8-cosine", type=float, default=0.99,
-                   help="refuse INT8 whose mean dense cosine to FP32 is below this (0 for random-weight models)")
+                   help="refuse INT8 whose mean dense cosine (rerankers: score Pearson correlation) to FP32 is below "
+                        "this (0 for random-weight models)")
     e.add_argument("--query-instruction", default=None, help="override the query instruction recorded")
     e.add_argument("--max-length", type=int, default=None, help="override the model's max length")
     e.add_argument("--model-id", default=None,
@@ -244,6 +263,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--colbert", action="store_true", help="also output ColBERT vectors (BGE-M3)")
     c.add_argument("--queries", action="store_true", help="prepend the model's query instruction")
     c.set_defaults(func=_encode)
+
+    r = sub.add_parser("rerank", help="rerank passages (one per line) for a query with a reranker artifact; JSON "
+                                      "lines {index, score, text}, best first")
+    r.add_argument("artifact", help="reranker artifact folder (bge-reranker-v2-m3, -base, -large)")
+    r.add_argument("--query", required=True, help="the query")
+    r.add_argument("--input", default="-", help="file with one passage per line, or - for stdin (default)")
+    r.add_argument("--jsonl", action="store_true", help="input lines are JSON objects with a \"text\" field")
+    r.add_argument("--top-k", type=int, default=None, help="print only the best K (default: all)")
+    r.add_argument("--max-length", type=int, default=512,
+                   help="tokens per (query, passage) pair, FlagReranker's default 512 (up to the model's limit)")
+    r.add_argument("--normalize", action="store_true", help="sigmoid of the raw score (0..1)")
+    r.add_argument("--precision", default=None, choices=["fp32", "int8", "fp16"])
+    r.add_argument("--backend", default="auto", choices=["onnxruntime", "openvino", "auto"])
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--batch-size", type=int, default=128)
+    r.set_defaults(func=_rerank)
 
     i = sub.add_parser("info", help="describe an artifact and the backend that would run it")
     i.add_argument("artifact")

@@ -14,7 +14,18 @@ if _missing:
 
 from .pipeline import PRECISIONS, ExportError, export_model  # noqa: E402
 from .source import SourceError  # noqa: E402
-from .synthetic import FULL_BGE_SMALL, FULL_M3, TINY_BERT, TINY_M3, ModelShape, build_random_model  # noqa: E402
+from .synthetic import (  # noqa: E402
+    FULL_BGE_SMALL,
+    FULL_M3,
+    FULL_RERANKER_M3,
+    TINY_BERT,
+    TINY_M3,
+    TINY_RERANKER_BASE,
+    TINY_RERANKER_M3,
+    ModelShape,
+    build_random_model,
+)
 
 __all__ = ["export_model", "ExportError", "SourceError", "PRECISIONS", "build_random_model", "ModelShape",
-           "TINY_M3", "TINY_BERT", "FULL_M3", "FULL_BGE_SMALL"]
+           "TINY_M3", "TINY_BERT", "FULL_M3", "FULL_BGE_SMALL", "TINY_RERANKER_M3", "TINY_RERANKER_BASE",
+           "FULL_RERANKER_M3"]

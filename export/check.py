@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["CALIBRATION_TEXTS", "PARITY_TOLERANCE", "MIN_INT8_COSINE", "MIN_FP16_COSINE", "run_graph",
-           "run_torch", "parity", "agreement"]
+           "run_torch", "parity", "agreement", "quality", "calibration_pairs", "tokenize_pairs"]
 
 PARITY_TOLERANCE = 1e-4  # fp32 graph vs PyTorch, max abs diff; measured ~1e-6 on real models (tests use 1e-5)
 MIN_INT8_COSINE = 0.99  # mean dense cosine of INT8 to FP32 below which export refuses to write the artifact
@@ -66,6 +66,27 @@ def tokenize(tokenizer_path: Path, texts: list[str], max_length: int) -> list[li
     return [e.ids for e in tok.encode_batch(texts)]
 
 
+def calibration_pairs() -> list[tuple[str, str]]:
+    """(query, passage) pairs for rerankers: each calibration text against itself, a neighbour and a far text,
+    so relevant and irrelevant pairs (and the empty text on either side) are all present."""
+    t, n = CALIBRATION_TEXTS, len(CALIBRATION_TEXTS)
+    return [(t[i], t[j]) for i in range(n) for j in dict.fromkeys((i, (i + 1) % n, (i * 7 + 3) % n))]
+
+
+def tokenize_pairs(tokenizer_path: Path, pairs: list[tuple[str, str]], max_length: int, cls_id: int,
+                   eos_id: int) -> list[list[int]]:
+    """Pair inputs exactly as the runtime's Reranker builds them (FlagReranker's truncation)."""
+    from bge_edge.runtime.reranker import pair_ids
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    tok.no_padding()
+    tok.no_truncation()
+    q = [e.ids for e in tok.encode_batch([a for a, _ in pairs], add_special_tokens=False)]
+    p = [e.ids for e in tok.encode_batch([b for _, b in pairs], add_special_tokens=False)]
+    return [pair_ids(a, b, cls_id, eos_id, max_length, max_length * 3 // 4)[0] for a, b in zip(q, p)]
+
+
 def run_graph(path: Path, ids: list[list[int]], pad_id: int, batch: int = 8) -> list[list[np.ndarray]]:
     """Per text, the graph's outputs with padding stripped (dense (H,), sparse (L,), colbert (L-1, H))."""
     import onnxruntime as ort
@@ -100,9 +121,14 @@ def run_torch(module: Any, ids: list[list[int]]) -> list[list[np.ndarray]]:
     return out
 
 
+def _is_score(run: list[list[np.ndarray]]) -> bool:
+    """A reranker's run: one scalar score per input."""
+    return len(run[0]) == 1 and np.ndim(run[0][0]) == 0
+
+
 def parity(a: list[list[np.ndarray]], b: list[list[np.ndarray]]) -> dict[str, float]:
     """Max abs difference per output between two runs of the same texts."""
-    names = ["dense", "sparse", "colbert"]
+    names = ["score"] if _is_score(a) else ["dense", "sparse", "colbert"]
     return {f"{names[k]}_max_abs_diff": float(max(np.abs(x[k] - y[k]).max() for x, y in zip(a, b)))
             for k in range(len(a[0]))}
 
@@ -114,7 +140,13 @@ def _cos(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def agreement(ref: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> dict[str, float]:
-    """Dense cosine (mean, min), ColBERT row cosine (mean), sparse max abs diff, vs the reference run."""
+    """Dense cosine (mean, min), ColBERT row cosine (mean), sparse max abs diff, vs the reference run.
+
+    Rerankers: Pearson and Spearman correlation of the scores over the calibration pairs, max abs diff, and how
+    many pairs change order (pairwise order agreement); ``quality`` reads the Pearson correlation.
+    """
+    if _is_score(ref):
+        return _score_agreement(np.array([float(r[0]) for r in ref]), np.array([float(g[0]) for g in got]))
     dense = np.array([_cos(r[0], g[0]) for r, g in zip(ref, got)])
     res = {"dense_cosine_mean": round(float(dense.mean()), 6), "dense_cosine_min": round(float(dense.min()), 6)}
     if len(ref[0]) > 1:
@@ -122,3 +154,25 @@ def agreement(ref: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> dict[
         res["colbert_cosine_mean"] = round(float(col.mean()), 6)
         res["sparse_max_abs_diff"] = round(float(max(np.abs(r[1] - g[1]).max() for r, g in zip(ref, got))), 6)
     return res
+
+
+def _score_agreement(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    def corr(x: np.ndarray, y: np.ndarray) -> float:
+        x, y = x - x.mean(), y - y.mean()
+        den = float(np.sqrt((x * x).sum() * (y * y).sum()))
+        return float((x * y).sum() / den) if den > 0 else 1.0
+
+    def ranks(x: np.ndarray) -> np.ndarray:
+        return np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(np.float64)
+
+    d_ref, d_got = np.sign(ref[:, None] - ref[None, :]), np.sign(got[:, None] - got[None, :])
+    off = ~np.eye(len(ref), dtype=bool)
+    return {"score_pearson": round(corr(ref, got), 6), "score_spearman": round(corr(ranks(ref), ranks(got)), 6),
+            "score_max_abs_diff": round(float(np.abs(ref - got).max()), 6),
+            "score_std": round(float(ref.std()), 6),
+            "pair_order_agreement": round(float((d_ref == d_got)[off].mean()) if len(ref) > 1 else 1.0, 6)}
+
+
+def quality(acc: dict[str, float]) -> float:
+    """The number a quantised graph must clear: mean dense cosine (embedders) or score Pearson (rerankers)."""
+    return float(acc["dense_cosine_mean"] if "dense_cosine_mean" in acc else acc["score_pearson"])

@@ -5,6 +5,7 @@ sparse weights per token id:
   dense   [batch, H]         pooled (CLS or mean) hidden state, L2-normalised
   sparse  [batch, seq]       relu(sparse_linear(h_t)) * mask              (m3 only)
   colbert [batch, seq-1, H]  normalize(colbert_linear(h_1..) * mask_1..)  (m3 only)
+  score   [batch]            a reranker's raw logit (XLMRobertaForSequenceClassification, one label)
 """
 
 from __future__ import annotations
@@ -33,6 +34,20 @@ def graph_module(src: SourceModel, encoder: Any, sparse: Any, colbert: Any) -> A
     import torch
     import torch.nn.functional as F
 
+    if src.kind == "reranker":
+        class RerankerGraph(torch.nn.Module):
+            """score [batch] = the raw logit of XLMRobertaForSequenceClassification (one label)."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = encoder
+
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):  # type: ignore[no-untyped-def]
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [batch, 1]
+                return (logits.reshape(-1),)
+
+        return RerankerGraph().eval()
+
     class BgeGraph(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -56,6 +71,8 @@ def graph_module(src: SourceModel, encoder: Any, sparse: Any, colbert: Any) -> A
 
 
 def output_names(src: SourceModel) -> list[str]:
+    if src.kind == "reranker":
+        return ["score"]
     return ["dense", "sparse", "colbert"] if src.kind == "m3" else ["dense"]
 
 
@@ -73,6 +90,7 @@ def trace_onnx(src: SourceModel, modules: tuple[Any, Any, Any], out_path: Path) 
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.long)
     names = output_names(src)
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "dense": {0: "batch"},
+            "score": {0: "batch"},
             "sparse": {0: "batch", 1: "seq"}, "colbert": {0: "batch", 1: "seq_minus_1"}}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

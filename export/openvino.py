@@ -94,7 +94,7 @@ def run_ir(xml: Path, precision: str, ids: list[list[int]]) -> tuple[list[list[n
         a = np.array([x], dtype=np.int64)
         res = req.infer({"input_ids": a, "attention_mask": np.ones_like(a)})
         row = {n: res[n][0].copy() for n in names}
-        out.append([row["dense"]] + ([row["sparse"], row["colbert"]] if "sparse" in row else []))
+        out.append([row[n] for n in ("dense", "sparse", "colbert", "score") if n in row])
     return out, compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
 
 

@@ -360,7 +360,11 @@ def _export_into(src: SourceModel, tmp: Path, precisions: tuple[str, ...], forma
         graph.trace_onnx(src, modules, traced)
     note("traced")
     pad = int(src.special_tokens["pad"] or 0)
-    ids = check.tokenize(tmp / "tokenizer.json", check.CALIBRATION_TEXTS, src.max_length)
+    if src.kind == "reranker":  # (query, passage) pairs, built as the runtime's Reranker builds them
+        ids = check.tokenize_pairs(tmp / "tokenizer.json", check.calibration_pairs(), src.max_length,
+                                   int(src.special_tokens["cls"] or 0), int(src.special_tokens["eos"] or 0))
+    else:
+        ids = check.tokenize(tmp / "tokenizer.json", check.CALIBRATION_TEXTS, src.max_length)
     with log.step("running the PyTorch reference on the calibration set"):
         ref = check.run_torch(graph.graph_module(src, *modules), ids)
     del modules  # free the PyTorch weights before fusion: peak memory is the largest of the steps, not their sum
@@ -423,8 +427,8 @@ def _onnx_graphs(src: SourceModel, tmp: Path, traced: Path, precisions: tuple[st
             extra = graph.convert_fp16(fp32, f16)
         acc = check.agreement(got32, check.run_graph(f16, ids, pad))
         log.say(f"fp16 vs fp32: {acc}")
-        if acc["dense_cosine_mean"] < check.MIN_FP16_COSINE:
-            raise ExportError(f"fp16 dense cosine to fp32 is {acc['dense_cosine_mean']} (< {check.MIN_FP16_COSINE}); "
+        if check.quality(acc) < check.MIN_FP16_COSINE:
+            raise ExportError(f"fp16 agreement with fp32 is {check.quality(acc)} (< {check.MIN_FP16_COSINE}); "
                               f"refusing to write it.")
         graphs.append(GraphEntry(file=f16.name, format="onnx", precision="fp16", opset=graph.OPSET, cpu_target="gpu",
                                  external_data=tuple(extra), fused=True,
@@ -458,7 +462,7 @@ def _openvino_graphs(src: SourceModel, tmp: Path, traced: Path, precisions: tupl
             bad = max(acc.values()) > check.PARITY_TOLERANCE
         else:
             acc = check.agreement(ref, got)
-            bad = acc["dense_cosine_mean"] < check.MIN_FP16_COSINE
+            bad = check.quality(acc) < check.MIN_FP16_COSINE
         log.say(f"openvino {prec} ({execution} execution) vs PyTorch: {acc}")
         if bad:
             raise ExportError(f"the OpenVINO {prec} graph disagrees with PyTorch ({acc}); refusing to write it. "
@@ -494,11 +498,12 @@ def _openvino_int8(tmp: Path, traced: Path, ids: list[list[int]], ref: list[list
         measured[method] = {**check.agreement(ref, got), "measured_execution": execution}
         log.say(f"openvino int8 {method}: {measured[method]}")
         _release_memory()
-    chosen = next((m for m in ("static", "weight_only") if measured[m]["dense_cosine_mean"] >= min_cos), None)
+    chosen = next((m for m in ("static", "weight_only") if check.quality(measured[m]) >= min_cos), None)
     if chosen is None:
         raise ExportError(
-            f"OpenVINO int8 mean dense cosine to PyTorch fp32 is {measured['static']['dense_cosine_mean']} (static) "
-            f"and {measured['weight_only']['dense_cosine_mean']} (weight-only), both under {min_cos}; refusing to "
+            f"OpenVINO int8 agreement with PyTorch fp32 (mean dense cosine, or score Pearson for rerankers) is "
+            f"{check.quality(measured['static'])} (static) and {check.quality(measured['weight_only'])} (weight-only), "
+            f"both under {min_cos}; refusing to "
             f"write it. Export fp16/fp32 instead, or pass --min-int8-cosine 0 if the weights are random (benchmarks).")
     if chosen == "weight_only":
         os.replace(spare, xml)
@@ -534,7 +539,7 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
             extra = graph.quantize_int8(fp32, i8, keep_fp32=keep, quantize_embeddings=True)
         acc = check.agreement(got32, check.run_graph(i8, ids, pad))
         log.say(f"int8 vs fp32: {acc}")
-        if acc["dense_cosine_mean"] >= min_cos:
+        if check.quality(acc) >= min_cos:
             break
         if not keep and down:
             log.say(f"int8 mean dense cosine {acc['dense_cosine_mean']} < {min_cos}: retrying with the "
@@ -543,7 +548,8 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
         for f in [i8, *(tmp / e for e in extra)]:
             f.unlink(missing_ok=True)
         raise ExportError(
-            f"int8 mean dense cosine to fp32 is {acc['dense_cosine_mean']} on the calibration set, under the "
+            f"int8 agreement with fp32 (mean dense cosine, or score Pearson for rerankers) is {check.quality(acc)} "
+            f"on the calibration set, under the "
             f"threshold {min_cos}; refusing to write it. Export fp32 instead, or pass --min-int8-cosine 0 if the "
             f"weights are random (benchmarks).")
     quant = {"method": "onnxruntime dynamic int8", "weights": "int8 signed, per-channel", "activations":
@@ -580,9 +586,10 @@ def _with_linear_attention(src: SourceModel, tmp: Path, entry: GraphEntry, ids: 
     else:
         agr = check.agreement(got32, singles)
         log.say(f"int8 flash branch vs fp32 ({n} layers): {agr}")
-        if agr["dense_cosine_mean"] < min_cos:
-            raise ExportError(f"the int8 flash-attention branch has mean dense cosine {agr['dense_cosine_mean']} to "
-                              f"fp32, under the threshold {min_cos}; refusing to write it.")
+        if check.quality(agr) < min_cos:
+            raise ExportError(f"the int8 flash-attention branch agrees with fp32 at {check.quality(agr)} (mean dense "
+                              f"cosine, or score Pearson for rerankers), under the threshold {min_cos}; refusing "
+                              f"to write it.")
         acc = {**entry.accuracy, "flash_branch": agr}
     return dataclasses.replace(entry, linear_attention=True, accuracy=acc)
 

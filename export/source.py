@@ -29,7 +29,7 @@ class SourceModel:
     path: Path
     model_id: str
     revision: str | None
-    kind: str  # "m3" | "dense"
+    kind: str  # "m3" | "dense" | "reranker"
     model_type: str
     heads: tuple[str, ...]
     pooling: str
@@ -198,9 +198,13 @@ def inspect_model(path: Path, model_id: str, revision: str | None = None, kind: 
     if not (path / "tokenizer.json").is_file():
         raise SourceError(f"{path} has no tokenizer.json; bge-edge needs the fast-tokenizer file.")
     have_heads = [f for f in M3_HEAD_FILES if (path / f).is_file()]
+    cross_encoder = _is_cross_encoder(config)
     if kind == "auto":
-        kind = "m3" if model_type == "xlm-roberta" else "dense"
-    if kind == "m3":
+        kind = "reranker" if cross_encoder else "m3" if model_type == "xlm-roberta" else "dense"
+    if kind == "reranker":
+        _check_reranker(path, config, model_type, cross_encoder)
+        heads: tuple[str, ...] = ("score",)
+    elif kind == "m3":
         if model_type != "xlm-roberta":
             raise SourceError(f"kind 'm3' needs an XLM-RoBERTa model; {path} is {model_type!r}.")
         missing = [f for f in M3_HEAD_FILES if f not in have_heads]
@@ -208,11 +212,11 @@ def inspect_model(path: Path, model_id: str, revision: str | None = None, kind: 
             raise SourceError(f"BGE-M3 head file(s) {missing} missing from {path}: an M3 model needs both "
                               f"{list(M3_HEAD_FILES)}. Copy them from the BAAI/bge-m3 repository, or pass "
                               f"--kind dense to export the dense head only.")
-        heads: tuple[str, ...] = ("dense", "sparse", "colbert")
+        heads = ("dense", "sparse", "colbert")
     elif kind == "dense":
         heads = ("dense",)
     else:
-        raise SourceError(f"unknown kind {kind!r}: use auto, m3 or dense.")
+        raise SourceError(f"unknown kind {kind!r}: use auto, m3, dense or reranker.")
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     limit = _max_length(path, config, model_type)
     if max_length is not None:
@@ -224,13 +228,43 @@ def inspect_model(path: Path, model_id: str, revision: str | None = None, kind: 
         raise SourceError(f"{path}: no pad token found in tokenizer_config.json / special_tokens_map.json.")
     return SourceModel(
         path=path, model_id=model_id, revision=revision, kind=kind, model_type=model_type, heads=heads,
-        pooling=_pooling(path), hidden_size=int(config["hidden_size"]),
+        pooling="cls" if kind == "reranker" else _pooling(path), hidden_size=int(config["hidden_size"]),
         num_heads=int(config["num_attention_heads"]), max_length=limit, special_tokens=specials,
-        query_instruction=_query_instruction(path, model_id) if query_instruction is None else query_instruction)
+        query_instruction=("" if kind == "reranker" else _query_instruction(path, model_id))
+        if query_instruction is None else query_instruction)
+
+
+def _is_cross_encoder(config: dict[str, Any]) -> bool:
+    """A sequence-classification model (bge-reranker-*: XLMRobertaForSequenceClassification)."""
+    archs = config.get("architectures") or []
+    return isinstance(archs, list) and any(isinstance(a, str) and a.endswith("ForSequenceClassification")
+                                           for a in archs)
+
+
+def _num_labels(config: dict[str, Any]) -> int:
+    labels = config.get("id2label")
+    if isinstance(labels, dict) and labels:
+        return len(labels)
+    return int(config.get("num_labels", 2))  # transformers' default
+
+
+def _check_reranker(path: Path, config: dict[str, Any], model_type: str, cross_encoder: bool) -> None:
+    """Kind ``reranker``: an XLM-RoBERTa sequence classifier with one label (bge-reranker-v2-m3/base/large)."""
+    if not cross_encoder:
+        raise SourceError(f"kind 'reranker' needs a sequence-classification model (config.json architectures "
+                          f"*ForSequenceClassification); {path} lists {config.get('architectures')}.")
+    if model_type != "xlm-roberta":
+        raise SourceError(f"bge-edge exports XLM-RoBERTa rerankers (bge-reranker-v2-m3, -base, -large); {path} is "
+                          f"{model_type!r}, whose pair inputs need token type ids this export does not trace.")
+    n = _num_labels(config)
+    if n != 1:
+        raise SourceError(f"{path} is a sequence classifier with {n} labels; a reranker has exactly one (its logit "
+                          f"is the relevance score). bge-edge exports only single-label cross-encoders.")
 
 
 def load_torch_modules(src: SourceModel) -> tuple[Any, Any, Any]:
-    """(encoder, sparse_linear, colbert_linear) in fp32 eval mode; heads are None for dense models.
+    """(encoder, sparse_linear, colbert_linear) in fp32 eval mode; heads are None for dense models and rerankers
+    (whose "encoder" is the whole XLMRobertaForSequenceClassification).
 
     Head ``.pt`` files are read with ``torch.load(weights_only=True)``: no pickle code runs.
     """
@@ -240,8 +274,11 @@ def load_torch_modules(src: SourceModel) -> tuple[Any, Any, Any]:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     cls = transformers.XLMRobertaModel if src.model_type == "xlm-roberta" else transformers.BertModel
+    kw: dict[str, Any] = {"add_pooling_layer": False}
+    if src.kind == "reranker":  # the whole classifier: encoder + dense/tanh/out_proj head on <s>
+        cls, kw = transformers.XLMRobertaForSequenceClassification, {}
     try:
-        encoder = cls.from_pretrained(str(src.path), add_pooling_layer=False, attn_implementation="eager",
+        encoder = cls.from_pretrained(str(src.path), **kw, attn_implementation="eager",
                                       torch_dtype=torch.float32).eval()
     except (OSError, ValueError) as e:
         raise SourceError(f"cannot load the weights in {src.path}: {e}") from None

@@ -84,6 +84,9 @@ class Embedder:
         self.max_memory_mb = max_memory_mb
         self.root = Path(artifact_dir)
         self.manifest: Manifest = read_manifest(self.root)
+        if self.manifest.kind == "reranker":
+            raise ArtifactError(f"{self.root} is a reranker ({self.manifest.source.get('model_id')}), not an embedding "
+                                f"model: use bge_edge.runtime.Reranker.")
         kind, _ = parse_device(device)
         self.device = device
         self.backend, self.backend_reason = choose_backend(self.manifest, backend, device, precision)

@@ -21,9 +21,9 @@ __all__ = ["SCHEMA_VERSION", "MANIFEST_NAME", "FileEntry", "GraphEntry", "Manife
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
-KINDS = ("m3", "dense")
+KINDS = ("m3", "dense", "reranker")
 POOLINGS = ("cls", "mean")
-HEADS = ("dense", "sparse", "colbert")
+HEADS = ("dense", "sparse", "colbert", "score")  # "score": a cross-encoder's raw logit
 FORMATS = ("onnx", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -59,8 +59,8 @@ class Manifest:
 
     schema_version: int
     source: Mapping[str, Any]  # {"model_id": ..., "revision": ...}
-    kind: str  # "m3" | "dense"
-    heads: tuple[str, ...]
+    kind: str  # "m3" | "dense" | "reranker"
+    heads: tuple[str, ...]  # reranker: ("score",)
     pooling: str  # "cls" | "mean"
     hidden_size: int
     attention_heads: int
@@ -226,8 +226,11 @@ def parse_manifest(d: Any) -> Manifest:
                     c.bad(f"heads[{i}]", f"repeats {h!r}")
                 else:
                     heads.append(h)
-            if "dense" not in heads and len(heads) == len(heads_raw):
-                c.bad("heads", "lists no 'dense' head")
+            if len(heads) == len(heads_raw):
+                if kind == "reranker" and heads != ["score"]:
+                    c.bad("heads", f"a reranker lists exactly the 'score' head, not {heads}")
+                elif kind != "reranker" and "dense" not in heads:
+                    c.bad("heads", "lists no 'dense' head")
     pooling = c.str_(d, "pooling", "", allowed=POOLINGS)
     hidden = c.int_(d, "hidden_size", "", 1, MAX_HIDDEN_SIZE)
     n_heads = c.int_(d, "attention_heads", "", 1, MAX_ATTENTION_HEADS)

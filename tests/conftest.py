@@ -125,3 +125,45 @@ def m3_reference(tiny_m3_dir: Path):  # type: ignore[no-untyped-def]
 def hash_cache(tmp_path: Path) -> Path:
     """A private verification cache per test, so tests never see each other's verdicts."""
     return tmp_path / "hash-cache"
+
+
+# ---- rerankers (issue 19): tiny seeded XLMRobertaForSequenceClassification models, one label ----
+# INT8 of a random-weight reranker agrees with FP32 at score Pearson ~0.94-0.98 on the calibration pairs (real
+# weights are held to 0.99); the tests export with this bar.
+RERANKER_TEST_INT8_BAR = 0.9
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker_m3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bge-reranker-v2-m3 layout: 8,194 positions (reads up to 8,192 tokens)."""
+    from bge_edge.export import TINY_RERANKER_M3, build_random_model
+
+    return build_random_model(tmp_path_factory.mktemp("src") / "tiny-bge-reranker-v2-m3", TINY_RERANKER_M3, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bge-reranker-base/large layout: 514 positions (reads up to 512 tokens)."""
+    from bge_edge.export import TINY_RERANKER_BASE, build_random_model
+
+    return build_random_model(tmp_path_factory.mktemp("src") / "tiny-bge-reranker-base", TINY_RERANKER_BASE, seed=4)
+
+
+@pytest.fixture(scope="session")
+def reranker_m3_artifact(tiny_reranker_m3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """v2-m3 layout, ONNX and OpenVINO graphs at fp32 and int8 (ONNX ones with the flash branch)."""
+    from bge_edge.export import export_model
+
+    out = tmp_path_factory.mktemp("art") / "reranker-m3"
+    export_model(tiny_reranker_m3_dir, out, ["fp32", "int8"], quiet=True, formats=("onnx", "openvino"),
+                 min_int8_cosine=RERANKER_TEST_INT8_BAR)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reranker_base_artifact(tiny_reranker_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from bge_edge.export import export_model
+
+    out = tmp_path_factory.mktemp("art") / "reranker-base"
+    export_model(tiny_reranker_base_dir, out, ["fp32", "int8"], quiet=True, min_int8_cosine=RERANKER_TEST_INT8_BAR)
+    return out

@@ -44,6 +44,8 @@ log = logging.getLogger("bge_edge.serve")
 
 INFERENCE = ("/v1/embeddings", "/embed_dense", "/embed_lexical", "/embed_colbert", "/embed_all", "/score",
              "/", "/embed", "/embed_sparse")  # the last three: TEI's (bge_edge.serve.tei)
+RERANK = ("/rerank", "/v1/rerank")  # cross-encoder endpoints: a reranker artifact, or one beside the embedder
+INFERENCE = INFERENCE + RERANK
 PUBLIC = ("/health", "/ready", "/openapi.json")
 ENDPOINTS = INFERENCE + PUBLIC + ("/info", "/metrics", "/v1/models", "/tokenize")
 INLINE_TOKENIZE_CHARS = 20_000  # above this many characters, count tokens on a worker thread
@@ -70,6 +72,9 @@ class ServeState:
         self.config = config
         self.engine: Engine | None = None
         self.batcher: MicroBatcher | None = None
+        self.reranker: Any = None  # a RerankerEngine: the served model itself, or --reranker DIR beside it
+        self.rerank_batcher: MicroBatcher | None = None
+        self.rerank_limit = 0  # tokens per (query, passage) pair
         self.executor: ThreadPoolExecutor | None = None
         self.ready = False
         self.load_error: str | None = None
@@ -288,6 +293,34 @@ def _pairs(body: dict[str, Any], max_inputs: int) -> list[tuple[str, str]]:
     return out
 
 
+def _query(body: dict[str, Any]) -> str:
+    if "query" not in body:
+        raise _invalid("missing field 'query': a string")
+    q = body["query"]
+    if not isinstance(q, str):
+        raise _invalid(f"'query' must be a string, got {_type(q)}")
+    if not q:
+        raise ApiError(400, "empty_input", "'query' is an empty string; it needs at least one character")
+    return q
+
+
+def _documents(body: dict[str, Any], max_inputs: int) -> list[str]:
+    """Cohere/Jina ``documents``: strings, or objects with a ``text`` field (Jina)."""
+    docs = body.get("documents")
+    if isinstance(docs, list):
+        docs = [d["text"] if isinstance(d, dict) and isinstance(d.get("text"), str) else d for d in docs]
+    return _texts({"documents": docs} if "documents" in body else {}, ("documents",), max_inputs)
+
+
+def _ranked(scores: list[float]) -> list[int]:
+    """Indices best first; ties keep input order."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
 def _floats(a: Any) -> Any:
     """float32 arrays to JSON numbers; 8 decimals keep every float32 digit that matters (|x| <= 1)."""
     return np.round(np.asarray(a, dtype=np.float64), 8).tolist()
@@ -300,9 +333,13 @@ def _sparse_json(d: dict[str, Any]) -> dict[str, float]:
 # ---- the application ----------------------------------------------------------------------------
 
 
-def create_app(config: ServeConfig, load: Callable[[], Engine]) -> ServeApp:
+def create_app(config: ServeConfig, load: Callable[[], Engine],
+               load_reranker: Callable[[], Any] | None = None) -> ServeApp:
     """The server app. ``load`` builds the engine; it runs on the inference thread after start-up, so
-    /health answers at once and /ready turns 200 when the model is loaded and warmed up."""
+    /health answers at once and /ready turns 200 when the model is loaded and warmed up.
+
+    An engine of kind ``reranker`` serves /rerank and /v1/rerank only; ``load_reranker`` adds a reranker beside
+    an embedder (``--reranker DIR``): its own queue, the same inference thread, limits and metrics."""
     st = ServeState(config)
 
     async def _load() -> None:
@@ -321,6 +358,21 @@ def create_app(config: ServeConfig, load: Callable[[], Engine]) -> ServeApp:
                                       max_merge_tokens=cfg.max_merge_tokens, max_queue_inputs=cfg.max_queue_inputs,
                                       observe=st.observe, arriving=lambda: st.arriving)
             st.batcher.start()
+            if engine.kind == "reranker":
+                st.reranker, st.rerank_batcher, st.rerank_limit = engine, st.batcher, st.batcher.max_length
+            elif load_reranker is not None:
+                rr = await loop.run_in_executor(st.executor, load_reranker)
+                if rr.kind != "reranker":
+                    raise ArtifactError(f"--reranker {cfg.reranker} holds a {rr.kind!r} model, not a reranker")
+                await loop.run_in_executor(st.executor, rr.warmup)
+                st.rerank_limit = int(rr.max_length)
+                st.rerank_batcher = MicroBatcher(rr, st.rerank_limit, st.executor, wait_ms=cfg.batch_wait_ms,
+                                                 max_merge_inputs=cfg.max_merge_inputs,
+                                                 max_merge_tokens=cfg.max_merge_tokens,
+                                                 max_queue_inputs=cfg.max_queue_inputs, observe=st.observe,
+                                                 arriving=lambda: st.arriving)
+                st.rerank_batcher.start()
+                st.reranker = rr
             st.ready = True
             log.info("bge-edge: model %s ready (%s)", st.model_name, info.get("precision"))
         except asyncio.CancelledError:
@@ -344,11 +396,17 @@ def create_app(config: ServeConfig, load: Callable[[], Engine]) -> ServeApp:
                 loader.cancel()
             if st.batcher is not None:
                 await st.batcher.stop()
+            if st.rerank_batcher is not None and st.rerank_batcher is not st.batcher:
+                await st.rerank_batcher.stop()
             st.executor.shutdown(wait=False, cancel_futures=True)
 
     def engine() -> Engine:
         if st.engine is None or st.batcher is None:  # the gate lets no inference request through before
             raise ApiError(503, "not_ready", "the model is not loaded yet", "unavailable", {"Retry-After": "1"})
+        if st.engine.kind == "reranker":
+            raise ApiError(400, "no_embedding_model", f"this server serves the reranker {st.model_name} only: use "
+                                                      f"POST /rerank or /v1/rerank, or serve an embedder with "
+                                                      f"`bge-edge serve EMBEDDER_DIR --reranker RERANKER_DIR`")
         return st.engine
 
     def need_heads(endpoint: str) -> None:
@@ -383,12 +441,13 @@ def create_app(config: ServeConfig, load: Callable[[], Engine]) -> ServeApp:
                                                    f"--max-request-tokens); split it into smaller requests")
         return counts, len(over)
 
-    async def submit(request: Request, job: Job) -> Any:
-        assert st.batcher is not None
+    async def submit(request: Request, job: Job, batcher: MicroBatcher | None = None) -> Any:
+        batcher = batcher or st.batcher
+        assert batcher is not None
         if request.scope.pop(ARRIVING, False):
             st.arriving -= 1
         try:
-            fut = st.batcher.submit(job)
+            fut = batcher.submit(job)
         except QueueFull as e:
             raise ApiError(429, "queue_full", str(e), "rate_limit_error", {"Retry-After": str(e.retry_after)}) \
                 from None
@@ -473,6 +532,81 @@ def create_app(config: ServeConfig, load: Callable[[], Engine]) -> ServeApp:
         return JSONResponse({"model": st.model_name, "scores": scores, "usage": account("/score", tokens, truncated),
                              "truncated": truncated})
 
+    def rerank_engine() -> tuple[Any, MicroBatcher]:
+        if st.reranker is None or st.rerank_batcher is None:
+            if st.engine is None:
+                raise ApiError(503, "not_ready", "the model is not loaded yet", "unavailable", {"Retry-After": "1"})
+            raise ApiError(400, "no_reranker", f"this server has no reranker (it serves {st.model_name}, kind "
+                                               f"{st.engine.kind!r}): start it with --reranker RERANKER_DIR, or "
+                                               f"serve a reranker artifact")
+        return st.reranker, st.rerank_batcher
+
+    async def rerank_scores(request: Request, path: str, query: str, texts: list[str],
+                            truncate: bool) -> tuple[list[float], dict[str, int]]:
+        """Raw scores of (query, text) pairs through the reranker's queue, with the embedders' limits (tokens
+        per pair = query + text + 4 special tokens), and the usage to report."""
+        rr, batcher = rerank_engine()
+        try:
+            if len(query) * len(texts) + sum(map(len, texts)) > INLINE_TOKENIZE_CHARS:
+                counts = await asyncio.get_running_loop().run_in_executor(None, rr.count_pair_tokens, query, texts)
+            else:
+                counts = rr.count_pair_tokens(query, texts)
+        except InputError as err:
+            raise ApiError(422, "invalid_text", str(err)) from None
+        limit = st.rerank_limit
+        over = [(k, c) for k, c in enumerate(counts) if c > limit]
+        if over and not truncate:
+            k, c = over[0]
+            more = f" ({len(over)} pairs are over it)" if len(over) > 1 else ""
+            raise ApiError(413, "input_too_long", f"the query with text {k} has {c:,} tokens > the reranker's "
+                                                  f"max_input_tokens {limit:,}{more}; shorten it or send "
+                                                  f"\"truncate\": true")
+        counts = [min(c, limit) for c in counts]
+        if sum(counts) > st.config.max_request_tokens:
+            raise ApiError(413, "too_many_tokens", f"the request holds {sum(counts):,} tokens (query + text, per "
+                                                   f"text) > max_request_tokens {st.config.max_request_tokens:,} "
+                                                   f"(server flag --max-request-tokens); split it into smaller "
+                                                   f"requests")
+        scores = await submit(request, Job("rerank", pairs=[(query, t) for t in texts], tokens=sum(counts)), batcher)
+        return [float(x) for x in scores], account(path, counts, len(over))
+
+    async def tei_rerank(request: Request) -> Response:
+        body = await _read_json(request, st.config.max_request_bytes)
+        query = _query(body)
+        texts = _texts(body, ("texts",), st.config.max_inputs)
+        raw, with_text = _bool(body, "raw_scores", False), _bool(body, "return_text", False)
+        scores, _ = await rerank_scores(request, "/rerank", query, texts, _bool(body, "truncate", st.config.truncate))
+        out = []
+        for i in _ranked(scores):
+            item: dict[str, Any] = {"index": i, "score": round(scores[i] if raw else _sigmoid(scores[i]), 8)}
+            if with_text:
+                item["text"] = texts[i]
+            out.append(item)
+        return JSONResponse(out)
+
+    async def cohere_rerank(request: Request) -> Response:
+        body = await _read_json(request, st.config.max_request_bytes)
+        if "model" in body and not isinstance(body["model"], (str, type(None))):
+            raise _invalid(f"'model' must be a string, got {_type(body['model'])}")
+        query = _query(body)
+        texts = _documents(body, st.config.max_inputs)
+        top_n = body.get("top_n")
+        if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool)):
+            raise _invalid(f"'top_n' must be an integer, got {_type(top_n)}")
+        if top_n is not None and top_n < 1:
+            raise ApiError(400, "invalid_top_n", f"'top_n' must be >= 1, got {top_n}")
+        with_docs = _bool(body, "return_documents", False)
+        scores, usage = await rerank_scores(request, "/v1/rerank", query, texts,
+                                            _bool(body, "truncate", st.config.truncate))
+        results = []
+        for i in _ranked(scores)[:top_n]:
+            item: dict[str, Any] = {"index": i, "relevance_score": round(_sigmoid(scores[i]), 8)}
+            if with_docs:
+                item["document"] = {"text": texts[i]}
+            results.append(item)
+        return JSONResponse({"model": st.model_name if st.engine is st.reranker else st.reranker.model_id,
+                             "results": results, "usage": usage})
+
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -494,6 +628,8 @@ def create_app(config: ServeConfig, load: Callable[[], Engine]) -> ServeApp:
         if st.engine is not None:
             out.update(st.engine.info())
             out["model"] = st.model_name
+        if st.reranker is not None and st.reranker is not st.engine:
+            out["reranker"] = st.reranker.info()
         out["limits"] = {"max_request_bytes": cfg.max_request_bytes, "max_inputs": cfg.max_inputs,
                          "max_input_tokens": cfg.max_input_tokens, "max_request_tokens": cfg.max_request_tokens,
                          "truncate": cfg.truncate,
@@ -546,6 +682,8 @@ def create_app(config: ServeConfig, load: Callable[[], Engine]) -> ServeApp:
         Route("/embed_colbert", guarded(embed_endpoint("/embed_colbert", False, False, True)), methods=["POST"]),
         Route("/embed_all", guarded(embed_endpoint("/embed_all", True, True, True)), methods=["POST"]),
         Route("/score", guarded(score), methods=["POST"]),
+        Route("/rerank", guarded(tei_rerank), methods=["POST"]),
+        Route("/v1/rerank", guarded(cohere_rerank), methods=["POST"]),
         Route("/health", guarded(health), methods=["GET"]),
         Route("/ready", guarded(ready), methods=["GET"]),
         Route("/info", guarded(info), methods=["GET"]),

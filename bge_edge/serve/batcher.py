@@ -39,7 +39,7 @@ class Stopped(Exception):
 
 @dataclass
 class Job:
-    kind: str                                   # "encode" | "score"
+    kind: str                                   # "encode" | "score" | "rerank" (pairs through a reranker)
     texts: list[str] = field(default_factory=list)
     pairs: list[tuple[str, str]] = field(default_factory=list)
     tokens: int = 0                             # real tokens (after truncation), for batch limits
@@ -241,6 +241,8 @@ class MicroBatcher:
         try:
             if j.kind == "score":
                 return self.engine.score(j.pairs, self.max_length, j.weights)
+            if j.kind == "rerank":  # a RerankerEngine: raw scores, pairs truncated at the batcher's max length
+                return self.engine.rerank(j.pairs, self.max_length)
             return self.engine.encode(j.texts, self.max_length, j.dense, j.sparse, j.colbert)
         except Exception as e:
             return e

@@ -47,6 +47,7 @@ class ConfigError(BgeEdgeError, ValueError):
 @dataclass(frozen=True)
 class ServeConfig:
     artifact: str = ""
+    reranker: str | None = None           # a reranker artifact served beside the embedder (/rerank, /v1/rerank)
     host: str = "127.0.0.1"
     port: int = 8080
     precision: str | None = None          # None: the runtime's choice (int8 on CPU when exported)
@@ -156,6 +157,8 @@ def _optional(conv: Callable[[str], Any]) -> Callable[[str], Any]:
 
 # name: (type, help). Defaults come from ServeConfig; every flag reads BGE_EDGE_<NAME> when not given.
 _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "reranker": (_optional(str), "a reranker artifact folder (bge-reranker-*) to serve beside the embedder: "
+                                 "POST /rerank and /v1/rerank (a reranker passed as the artifact serves those alone)"),
     "host": (str, "address to bind; keep loopback for a sidecar (anything else needs --api-key to be safe)"),
     "port": (int, "TCP port (0 picks a free one; the bound address is printed)"),
     "precision": (_optional(str), "graph precision: fp32, int8, fp16 (auto: int8 on CPU when exported)"),

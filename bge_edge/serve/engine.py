@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-__all__ = ["Engine", "EmbedderEngine"]
+__all__ = ["Engine", "EmbedderEngine", "RerankerEngine"]
 
 
 class Engine(Protocol):
@@ -109,3 +109,44 @@ class EmbedderEngine:
 
     def info(self) -> dict[str, Any]:
         return self.embedder.info()
+
+
+class RerankerEngine:
+    """A reranker for /rerank and /v1/rerank, over a loaded ``bge_edge.runtime.Reranker``.
+
+    Pairs are truncated FlagReranker's way at the server's token limit per pair (the model's max length, e.g.
+    8,192 for bge-reranker-v2-m3 and 512 for -base/-large, or --max-input-tokens when the reranker is the
+    served model), not at FlagReranker's default of 512.
+    """
+
+    kind = "reranker"
+    heads = ("score",)
+
+    def __init__(self, reranker: Any) -> None:
+        self.reranker = reranker
+        m = reranker.manifest
+        self.model_id = str(m.source.get("model_id") or Path(reranker.root).name)
+        self.hidden_size = int(m.hidden_size)
+        self.max_length = int(reranker.max_length)
+
+    @classmethod
+    def load(cls, artifact: str, precision: str | None = None, device: str = "cpu",
+             threads: int | None = None) -> RerankerEngine:
+        from bge_edge.runtime import Reranker
+
+        return cls(Reranker(artifact, precision=precision, device=device, threads=threads))
+
+    def count_pair_tokens(self, query: str, texts: Sequence[str]) -> list[int]:
+        """Tokens of each (query, text) pair untruncated, special tokens included. InputError for invalid text."""
+        return self.reranker.count_tokens([(query, t) for t in texts])
+
+    def rerank(self, pairs: list[tuple[str, str]], max_length: int) -> list[float]:
+        """Raw scores (logits), in input order."""
+        return list(self.reranker.compute_score(pairs, max_length=max_length))
+
+    def warmup(self) -> None:
+        self.rerank([("warm up", "warm up"), ("warm up", " ".join(["warm up the model with a longer text"] * 8))],
+                    self.max_length)
+
+    def info(self) -> dict[str, Any]:
+        return self.reranker.info()

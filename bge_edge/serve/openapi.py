@@ -69,6 +69,39 @@ SCHEMAS: dict[str, Any] = {
                        "scores": {"type": "object", "required": ["dense"], "additionalProperties": _VEC,
                                   "description": "dense (and for BGE-M3 sparse, colbert, sparse+dense, "
                                                  "colbert+sparse+dense), one score per pair"}}},
+    "RerankRequest": {
+        "type": "object", "required": ["query", "texts"],
+        "description": "text-embeddings-inference's /rerank",
+        "properties": {"query": {"type": "string", "minLength": 1},
+                       "texts": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                       "raw_scores": {"type": "boolean", "default": False,
+                                      "description": "the raw logit instead of its sigmoid"},
+                       "return_text": {"type": "boolean", "default": False}, "truncate": _TRUNCATE}},
+    "RerankResponse": {
+        "type": "array", "description": "best first",
+        "items": {"type": "object", "required": ["index", "score"],
+                  "properties": {"index": {"type": "integer"}, "score": {"type": "number"},
+                                 "text": {"type": "string"}}}},
+    "CohereRerankRequest": {
+        "type": "object", "required": ["query", "documents"],
+        "description": "Cohere/Jina rerank, as LangChain and LlamaIndex clients send it",
+        "properties": {"model": {"type": "string", "description": "ignored; the served reranker answers"},
+                       "query": {"type": "string", "minLength": 1},
+                       "documents": {"type": "array", "minItems": 1, "items": {"oneOf": [
+                           {"type": "string", "minLength": 1},
+                           {"type": "object", "required": ["text"],
+                            "properties": {"text": {"type": "string", "minLength": 1}}}]}},
+                       "top_n": {"type": "integer", "minimum": 1}, "return_documents": {"type": "boolean"},
+                       "truncate": _TRUNCATE}},
+    "CohereRerankResponse": {
+        "type": "object", "required": ["model", "results", "usage"],
+        "properties": {"model": {"type": "string"}, "usage": _ref("Usage"), "results": {
+            "type": "array", "description": "best first, at most top_n",
+            "items": {"type": "object", "required": ["index", "relevance_score"],
+                      "properties": {"index": {"type": "integer"},
+                                     "relevance_score": {"type": "number", "description": "sigmoid of the logit"},
+                                     "document": {"type": "object", "required": ["text"],
+                                                  "properties": {"text": {"type": "string"}}}}}}}},
     "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"},
                                                                           "model": {"type": "string"}}},
     "Info": {"type": "object", "required": ["version", "ready", "limits", "batching", "model_id", "model_dtype",
@@ -172,6 +205,10 @@ def build_spec(version: str) -> dict[str, Any]:
             "/embed_all": _post("dense, sparse and ColBERT from one forward pass; BGE-M3 only", "EmbedRequest",
                                 "EmbedResponse"),
             "/score": _post("compute_score on [query, passage] pairs", "ScoreRequest", "ScoreResponse"),
+            "/rerank": _post("rerank texts for a query (TEI shape; a reranker artifact or --reranker)",
+                             "RerankRequest", "RerankResponse"),
+            "/v1/rerank": _post("rerank documents for a query (Cohere/Jina shape; a reranker artifact or "
+                                "--reranker)", "CohereRerankRequest", "CohereRerankResponse"),
             "/health": _get("the process is alive", _ref("Status")),
             "/ready": _get("the model is loaded and warmed up and the server is not draining", _ref("Status"),
                            errors=("503",)),

@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 from types import FrameType
+from typing import Any
 
 from bge_edge.runtime.errors import BgeEdgeError, MissingExtraError
 
@@ -55,7 +56,7 @@ def run(config: ServeConfig) -> int:
     from bge_edge.runtime import read_manifest
 
     from .app import create_app
-    from .engine import EmbedderEngine
+    from .engine import EmbedderEngine, RerankerEngine
 
     if not config.artifact:
         raise ConfigError("refusing to start: no artifact folder; pass DIR or set BGE_EDGE_ARTIFACT.")
@@ -63,6 +64,23 @@ def run(config: ServeConfig) -> int:
     if config.precision is not None:
         manifest.graph(config.precision, "onnx")
     config = config.check(manifest.max_length)
+    engine_cls: Any = RerankerEngine if manifest.kind == "reranker" else EmbedderEngine
+    load_reranker = None
+    if config.reranker:
+        if manifest.kind == "reranker":
+            raise ConfigError(f"refusing to start: {config.artifact} is itself a reranker; --reranker adds one beside "
+                              f"an embedder (bge-edge serve EMBEDDER_DIR --reranker RERANKER_DIR).")
+        rr_manifest = read_manifest(config.reranker)
+        if rr_manifest.kind != "reranker":
+            raise ConfigError(f"refusing to start: --reranker {config.reranker} holds a {rr_manifest.kind!r} "
+                              f"embedding model, not a reranker (export BAAI/bge-reranker-v2-m3 or similar).")
+        if config.precision is not None:
+            rr_manifest.graph(config.precision, "onnx")
+        rr_dir = config.reranker
+
+        def load_reranker() -> Any:
+            return RerankerEngine.load(rr_dir, config.precision, config.device, config.threads)
+
     level = config.log_level.lower()
     if level not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigError(f"refusing to start: --log-level {config.log_level!r} is not one of critical, error, "
@@ -73,8 +91,8 @@ def run(config: ServeConfig) -> int:
               f"reach this port can use the model", file=sys.stderr)
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
-    app = create_app(config, lambda: EmbedderEngine.load(config.artifact, config.precision, config.device,
-                                                         config.threads))
+    app = create_app(config, lambda: engine_cls.load(config.artifact, config.precision, config.device,
+                                                     config.threads), load_reranker)
     st = app.serve
 
     class Server(uvicorn.Server):
