@@ -115,3 +115,53 @@ def test_missing_extra_names_the_pip_install() -> None:
             "        raise AssertionError(mod + ' imported without its framework')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+RERANK_QUERY = "what is BGE?"
+
+
+@pytest.fixture(scope="module")
+def reranker(reranker_base_artifact: Path) -> Any:
+    from bge_edge.runtime import Reranker
+
+    return Reranker(reranker_base_artifact, precision="fp32", hash_cache=False)
+
+
+def test_langchain_rerank_compressor_keeps_the_rerankers_top_n(reranker: Any) -> None:
+    import asyncio
+
+    from langchain_core.documents import Document
+
+    from bge_edge.integrations.langchain import BgeEdgeRerank
+
+    want = reranker.rerank(RERANK_QUERY, DOCS, top_k=2, normalize=True)
+    comp = BgeEdgeRerank(reranker=reranker, top_n=2)
+    docs = [Document(page_content=t, metadata={"k": i}) for i, t in enumerate(DOCS)]
+    for out in (comp.compress_documents(docs, RERANK_QUERY), asyncio.run(comp.acompress_documents(docs, RERANK_QUERY))):
+        assert [d.metadata["k"] for d in out] == [i for i, _ in want]
+        assert [d.metadata["relevance_score"] for d in out] == pytest.approx([s for _, s in want], abs=1e-7)
+        assert all(0 < d.metadata["relevance_score"] < 1 for d in out)
+    assert len(BgeEdgeRerank(reranker=reranker, top_n=None).compress_documents(docs, RERANK_QUERY)) == len(DOCS)
+
+
+def test_llamaindex_rerank_postprocessor_keeps_the_rerankers_top_n(reranker: Any) -> None:
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    from bge_edge.integrations.llamaindex import BgeEdgeRerank
+
+    want = reranker.rerank(RERANK_QUERY, DOCS, top_k=2, normalize=True)
+    post = BgeEdgeRerank(reranker, top_n=2)
+    nodes = [NodeWithScore(node=TextNode(text=t, id_=str(i)), score=0.0) for i, t in enumerate(DOCS)]
+    out = post.postprocess_nodes(nodes, query_str=RERANK_QUERY)
+    assert [n.node.id_ for n in out] == [str(i) for i, _ in want]
+    assert [n.score for n in out] == pytest.approx([s for _, s in want], abs=1e-7)
+    with pytest.raises(ValueError, match="needs the query"):
+        post.postprocess_nodes(nodes)
+
+
+def test_rerank_adapters_say_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bge_edge.integrations.langchain import BgeEdgeRerank
+
+    monkeypatch.delenv("BGE_EDGE_RERANKER", raising=False)
+    with pytest.raises(ValueError, match="BGE_EDGE_RERANKER"):
+        BgeEdgeRerank()

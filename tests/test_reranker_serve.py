@@ -65,6 +65,11 @@ def test_tei_rerank_matches_the_runtime(served: TestClient, rr: Reranker) -> Non
     assert [x["text"] for x in body] == [TEXTS[i] for i in order]
 
 
+def test_tei_root_route_reranks_when_the_served_model_is_a_reranker(served: TestClient) -> None:
+    req = {"query": QUERY, "texts": TEXTS, "raw_scores": True}
+    assert served.post("/", json=req).json() == served.post("/rerank", json=req).json()
+
+
 def test_cohere_rerank_matches_the_runtime(served: TestClient, rr: Reranker) -> None:
     raw = rr.compute_score([(QUERY, t) for t in TEXTS], max_length=1024)
     assert isinstance(raw, list)

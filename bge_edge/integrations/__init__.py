@@ -3,8 +3,10 @@
 Each framework lives in its own module and is imported only there; a missing one fails with the exact
 ``pip install`` to run:
 
-  bge_edge.integrations.langchain   BgeEdgeEmbeddings, a LangChain Embeddings       pip install 'bge-edge[langchain]'
-  bge_edge.integrations.llamaindex  BgeEdgeEmbedding, a LlamaIndex BaseEmbedding    pip install 'bge-edge[llamaindex]'
+  bge_edge.integrations.langchain   BgeEdgeEmbeddings, a LangChain Embeddings;       pip install 'bge-edge[langchain]'
+                                    BgeEdgeRerank, a document compressor (reranker)
+  bge_edge.integrations.llamaindex  BgeEdgeEmbedding, a LlamaIndex BaseEmbedding;     pip install 'bge-edge[llamaindex]'
+                                    BgeEdgeRerank, a node postprocessor (reranker)
   bge_edge.integrations.qdrant      QdrantIndex, embedded Qdrant: dense+sparse+ColBERT  pip install 'bge-edge[qdrant]'
 
 Queries get the model's query instruction (bge v1.5: "Represent this sentence for searching relevant passages: ";
@@ -16,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence, Union
 
-from bge_edge.runtime import Embedder
+from bge_edge.runtime import Embedder, Reranker
 from bge_edge.runtime.errors import MissingExtraError
 
 __all__: list[str] = []
@@ -47,6 +49,27 @@ def load(model: ModelLike | None, **embedder_kwargs: Any) -> Embedder:
             raise ValueError("no model: pass an artifact folder (bge-edge export ... --out DIR) or set "
                              "BGE_EDGE_ARTIFACT")
     return Embedder(model, **embedder_kwargs)
+
+
+def load_reranker(model: str | os.PathLike[str] | Reranker | None, **reranker_kwargs: Any) -> Reranker:
+    """A ``Reranker`` from an artifact folder (or ``$BGE_EDGE_RERANKER``), or the one given."""
+    if isinstance(model, Reranker):
+        if reranker_kwargs:
+            raise TypeError(f"pass either a loaded Reranker or Reranker options, not both: {sorted(reranker_kwargs)}")
+        return model
+    if model is None:
+        model = os.environ.get("BGE_EDGE_RERANKER")
+        if not model:
+            raise ValueError("no reranker: pass a reranker artifact folder (bge-edge export BAAI/bge-reranker-v2-m3 "
+                             "--out DIR) or set BGE_EDGE_RERANKER")
+    return Reranker(model, **reranker_kwargs)
+
+
+def top_scores(reranker: Reranker, query: str, texts: Sequence[str], top_n: int | None,
+               max_length: int | None) -> list[tuple[int, float]]:
+    """``[(index, relevance in 0..1)]`` best first: the reranker's sigmoid score, as FlagReranker's normalize=True."""
+    kw = {} if max_length is None else {"max_length": max_length}
+    return reranker.rerank(query, list(texts), top_k=top_n, normalize=True, **kw)
 
 
 def query_prefix(embedder: Embedder, query_instruction: str | None) -> str:

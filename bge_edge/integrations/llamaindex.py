@@ -1,8 +1,11 @@
-"""LlamaIndex: ``BgeEdgeEmbedding``, a ``llama_index.core`` ``BaseEmbedding`` over a bge-edge artifact, in process.
+"""LlamaIndex: ``BgeEdgeEmbedding``, a ``llama_index.core`` ``BaseEmbedding`` over a bge-edge artifact, and
+``BgeEdgeRerank``, a node postprocessor over a bge-edge reranker, in process.
 
     from llama_index.core import Settings
     from bge_edge.integrations.llamaindex import BgeEdgeEmbedding
     Settings.embed_model = BgeEdgeEmbedding("artifacts/bge-small-en-v1.5")
+    engine = index.as_query_engine(similarity_top_k=20,
+                                   node_postprocessors=[BgeEdgeRerank("artifacts/bge-reranker-v2-m3", top_n=3)])
 
 Queries get the model's query instruction (bge v1.5), documents none, as FlagEmbedding does;
 ``query_instruction=""`` turns it off. Needs ``pip install 'bge-edge[llamaindex]'``.
@@ -12,12 +15,14 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
-from . import ModelLike, dense, load, query_prefix, require
+from . import ModelLike, dense, load, load_reranker, query_prefix, require, top_scores
 
 _li = require("llama_index.core.base.embeddings.base", "llamaindex", "bge_edge.integrations.llamaindex")
+_lp = require("llama_index.core.postprocessor.types", "llamaindex", "bge_edge.integrations.llamaindex")
+_ls = require("llama_index.core.schema", "llamaindex", "bge_edge.integrations.llamaindex")
 _pd = require("pydantic", "llamaindex", "bge_edge.integrations.llamaindex")
 
-__all__ = ["BgeEdgeEmbedding"]
+__all__ = ["BgeEdgeEmbedding", "BgeEdgeRerank"]
 
 
 class BgeEdgeEmbedding(_li.BaseEmbedding):  # type: ignore[misc,name-defined]
@@ -63,3 +68,36 @@ class BgeEdgeEmbedding(_li.BaseEmbedding):  # type: ignore[misc,name-defined]
 
     def _get_text_embeddings(self, texts: List[str]) -> List[List[float]]:
         return self._encode(texts)
+
+
+class BgeEdgeRerank(_lp.BaseNodePostprocessor):  # type: ignore[misc,name-defined]
+    """A LlamaIndex node postprocessor that re-ranks retrieved nodes with a bge-edge reranker (cross-encoder).
+
+    Keeps the ``top_n`` best nodes (None: all), best first, their score replaced by the reranker's (the sigmoid of
+    the logit, 0..1). ``reranker`` is an artifact folder, a loaded ``Reranker``, or None for ``$BGE_EDGE_RERANKER``;
+    other keyword arguments (precision, backend, threads, ...) go to ``Reranker``.
+    """
+
+    top_n: Optional[int] = _pd.Field(default=3, description="nodes kept (None: all)")
+    max_length: Optional[int] = _pd.Field(default=None, description="tokens per pair (None: FlagReranker's 512)")
+    _reranker: Any = _pd.PrivateAttr()
+
+    def __init__(self, reranker: Any = None, *, top_n: Optional[int] = 3, max_length: Optional[int] = None,
+                 **kwargs: Any) -> None:
+        base = {k: kwargs.pop(k) for k in list(kwargs) if k in _lp.BaseNodePostprocessor.model_fields}
+        loaded = load_reranker(reranker, **kwargs)
+        super().__init__(top_n=top_n, max_length=max_length, **base)
+        self._reranker = loaded
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "BgeEdgeRerank"
+
+    def _postprocess_nodes(self, nodes: List[Any], query_bundle: Optional[Any] = None) -> List[Any]:
+        if query_bundle is None:
+            raise ValueError("BgeEdgeRerank needs the query: pass query_bundle or query_str")
+        if not nodes:
+            return []
+        texts = [n.node.get_content(metadata_mode=_ls.MetadataMode.NONE) for n in nodes]
+        ranked = top_scores(self._reranker, query_bundle.query_str, texts, self.top_n, self.max_length)
+        return [_ls.NodeWithScore(node=nodes[i].node, score=s) for i, s in ranked]

@@ -694,6 +694,7 @@ def create_app(config: ServeConfig, load: Callable[[], Engine],
     from .tei import tei_routes  # TEI's /, /embed, /embed_sparse, /tokenize (its /info fields are in info above)
 
     routes += tei_routes(st, engine=engine, need_heads=need_heads, count=count, submit=submit, account=account,
+                         rerank=tei_rerank,
                          guarded=guarded)
 
     async def http_error(request: Request, exc: Exception) -> Response:

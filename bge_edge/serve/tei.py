@@ -107,8 +107,10 @@ def tokens_json(text: str, ids: list[int], tokens: list[str], offsets: list[tupl
 
 def tei_routes(st: Any, *, engine: Callable[[], Any], need_heads: Callable[[str], None],
                count: Callable[..., Awaitable[tuple[list[int], int]]], submit: Callable[..., Awaitable[Any]],
-               account: Callable[[str, list[int], int], Any], guarded: Callable[[Handler], Handler]) -> list[Any]:
-    """The TEI routes, built on the app's own parsing, limits, queue and accounting (``create_app`` passes them)."""
+               account: Callable[[str, list[int], int], Any], guarded: Callable[[Handler], Handler],
+               rerank: Handler | None = None) -> list[Any]:
+    """The TEI routes, built on the app's own parsing, limits, queue and accounting (``create_app`` passes them);
+    ``rerank`` is the app's TEI-shaped /rerank handler, which ``POST /`` runs for a reranker."""
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
@@ -193,11 +195,13 @@ def tei_routes(st: Any, *, engine: Callable[[], Any], need_heads: Callable[[str]
             raise
         return JSONResponse([tokens_json(t, *enc) for t, enc in zip(texts, encs)])
 
-    # POST / answers as TEI does for the loaded model's kind; a reranker adds its kind -> handler here.
+    # POST / answers as TEI does for the served model's kind
     by_kind: dict[str, Handler] = {"m3": embed, "dense": embed}
+    if rerank is not None:
+        by_kind["reranker"] = rerank
 
     async def root(request: Request) -> Response:
-        kind = engine().kind
+        kind = st.engine.kind if st.engine is not None else engine().kind  # engine() says why not ready
         handler = by_kind.get(kind)
         if handler is None:
             raise ApiError(400, "unsupported_model", f"POST / has no route for a model of kind {kind!r}")
