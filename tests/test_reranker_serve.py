@@ -103,8 +103,10 @@ def test_rerank_errors_and_limits(served: TestClient) -> None:
     error_of(served.post("/rerank", json={"query": "q", "texts": [long_text * 2]}), 413, "input_too_long")
     lone = b'{"query": "q", "texts": ["ok", "a\\ud800b"]}'  # a lone surrogate, legal in JSON text
     error_of(served.post("/rerank", content=lone, headers={"content-type": "application/json"}), 422, "invalid_text")
-    assert "serves the reranker" in error_of(served.post("/embed", json={"inputs": ["a"]}), 400,
+    assert "serves the reranker" in error_of(served.post("/embed_dense", json={"inputs": ["a"]}), 400,
                                              "no_embedding_model")
+    tei = served.post("/embed", json={"inputs": ["a"]})  # TEI's route answers in TEI's error body
+    assert tei.status_code == 400 and "serves the reranker" in tei.json()["error"]
     metrics = served.get("/metrics").text
     assert 'bge_edge_requests_total{endpoint="/rerank",code="200"}' in metrics or \
         'bge_edge_requests_total{endpoint="/rerank",code="413"}' in metrics
@@ -150,7 +152,7 @@ def test_embedder_and_reranker_in_one_process(bert_artifact: Path, reranker_base
     app = create_app(cfg, lambda: EmbedderEngine(emb), lambda: RerankerEngine(rer))
     with TestClient(app, raise_server_exceptions=False) as c:
         wait_ready(c)
-        vecs = c.post("/embed", json={"inputs": TEXTS}).json()["dense_vecs"]
+        vecs = c.post("/embed", json={"inputs": TEXTS}).json()  # TEI's shape: a bare [[float]]
         assert np.abs(np.array(vecs) - emb.encode(TEXTS)["dense_vecs"]).max() < 1e-7
         ranked = c.post("/rerank", json={"query": QUERY, "texts": TEXTS, "raw_scores": True}).json()
         want = rer.rerank(QUERY, TEXTS, max_length=rer.max_length)
