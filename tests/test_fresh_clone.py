@@ -1,6 +1,6 @@
 """A clone works anywhere: the committed tree alone (``git archive HEAD`` in an empty folder, nothing beside it, no
-network to a model hub) runs the demo, and every command of README's "Use", "Serve" and "Air-gapped bundle" sections
-runs as written on the artifacts the demo leaves."""
+network to a model hub) runs the demo, and every command of README's "Use", "Serve", "Rerankers" and "Air-gapped
+bundle" sections runs as written on the artifacts the demo leaves."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("Use", "Serve", "Air-gapped bundle")
+SECTIONS = ("Use", "Serve", "Rerankers", "Air-gapped bundle")
 
 
 def readme_blocks(readme: Path) -> list[tuple[str, str, str]]:
@@ -117,7 +117,8 @@ def test_demo_runs_in_a_bare_clone_offline(clone: Clone, demo: subprocess.Comple
     assert "documents are longer than the 256 tokens this model reads" in out
     assert "random weights" in out and re.search(r"done in [\d.]+ s", out)
     assert "\n\n" not in out, "stray blank lines"
-    for art in ("dense", "bge-m3"):
+    assert re.search(r"reranked 10 passages with tiny-bge-reranker-v2-m3", out)
+    for art in ("dense", "bge-m3", "reranker"):
         assert (clone.root / "artifacts" / art / "manifest.json").is_file()
 
 
