@@ -37,32 +37,30 @@ def require(module: str, extra: str, what: str) -> Any:
                                 f"pip install 'bge-edge[{extra}]'  ({e})") from None
 
 
-def load(model: ModelLike | None, **embedder_kwargs: Any) -> Embedder:
-    """An ``Embedder`` from an artifact folder (or ``$BGE_EDGE_ARTIFACT``), or the one given."""
-    if isinstance(model, Embedder):
-        if embedder_kwargs:
-            raise TypeError(f"pass either a loaded Embedder or Embedder options, not both: {sorted(embedder_kwargs)}")
+def _loaded(cls: type, model: Any, env: str, hint: str, kwargs: dict[str, Any]) -> Any:
+    """``model`` itself when it is a loaded ``cls``, else ``cls`` on the folder given (or in ``$env``)."""
+    if isinstance(model, cls):
+        if kwargs:
+            raise TypeError(f"pass either a loaded {cls.__name__} or {cls.__name__} options, not both: "
+                            f"{sorted(kwargs)}")
         return model
     if model is None:
-        model = os.environ.get("BGE_EDGE_ARTIFACT")
+        model = os.environ.get(env)
         if not model:
-            raise ValueError("no model: pass an artifact folder (bge-edge export ... --out DIR) or set "
-                             "BGE_EDGE_ARTIFACT")
-    return Embedder(model, **embedder_kwargs)
+            raise ValueError(f"no model: pass {hint} or set {env}")
+    return cls(model, **kwargs)
+
+
+def load(model: ModelLike | None, **embedder_kwargs: Any) -> Embedder:
+    """An ``Embedder`` from an artifact folder (or ``$BGE_EDGE_ARTIFACT``), or the one given."""
+    return _loaded(Embedder, model, "BGE_EDGE_ARTIFACT", "an artifact folder (bge-edge export ... --out DIR)",
+                   embedder_kwargs)
 
 
 def load_reranker(model: str | os.PathLike[str] | Reranker | None, **reranker_kwargs: Any) -> Reranker:
     """A ``Reranker`` from an artifact folder (or ``$BGE_EDGE_RERANKER``), or the one given."""
-    if isinstance(model, Reranker):
-        if reranker_kwargs:
-            raise TypeError(f"pass either a loaded Reranker or Reranker options, not both: {sorted(reranker_kwargs)}")
-        return model
-    if model is None:
-        model = os.environ.get("BGE_EDGE_RERANKER")
-        if not model:
-            raise ValueError("no reranker: pass a reranker artifact folder (bge-edge export BAAI/bge-reranker-v2-m3 "
-                             "--out DIR) or set BGE_EDGE_RERANKER")
-    return Reranker(model, **reranker_kwargs)
+    return _loaded(Reranker, model, "BGE_EDGE_RERANKER", "a reranker artifact folder (bge-edge export "
+                   "BAAI/bge-reranker-v2-m3 --out DIR)", reranker_kwargs)
 
 
 def top_scores(reranker: Reranker, query: str, texts: Sequence[str], top_n: int | None,
