@@ -19,10 +19,9 @@ import numpy as np
 from . import heads
 from .batching import DEFAULT_BATCH_SIZE, DEFAULT_MEMORY_MB, LINEAR_ATTENTION_FROM, MAX_BATCH_TOKENS, plan_batches
 from .errors import ArtifactError, BackendError, InputError
-from .integrity import check_external_data, default_cache_dir, verify_files
+from .loading import open_graph
 from .manifest import Manifest, read_manifest
-from .ov_session import SHAPES, OpenVINOSession
-from .session import choose_backend, create_session, parse_device, physical_cores
+from .ov_session import OpenVINOSession
 
 __all__ = ["Embedder", "EncodeStats"]
 
@@ -71,11 +70,6 @@ class Embedder:
                  hash_cache: bool | str | os.PathLike[str] = True, spin: bool = False,
                  max_memory_mb: int | None = None, streams: int = 1, shapes: str = "dynamic",
                  query_max_length: int | None = None, passage_max_length: int | None = None) -> None:
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise InputError(f"threads must be a positive integer or None (physical cores), got {threads!r}.")
-        if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
-            raise InputError(f"streams must be a positive integer (batches computing at once, OpenVINO), got "
-                             f"{streams!r}.")
         if max_memory_mb is not None and (not isinstance(max_memory_mb, int) or isinstance(max_memory_mb, bool)
                                           or max_memory_mb < 1):
             raise InputError(f"max_memory_mb must be a positive integer (MiB of working memory per batch, weights "
@@ -87,45 +81,12 @@ class Embedder:
         if self.manifest.kind == "reranker":
             raise ArtifactError(f"{self.root} is a reranker ({self.manifest.source.get('model_id')}), not an embedding "
                                 f"model: use bge_edge.runtime.Reranker.")
-        kind, _ = parse_device(device)
         self.device = device
-        self.backend, self.backend_reason = choose_backend(self.manifest, backend, device, precision)
-        if streams > 1 and self.backend != "openvino":
-            raise InputError(f"streams={streams} applies to the OpenVINO backend only; this embedder runs on "
-                             f"{self.backend} ({self.backend_reason}).")
-        if shapes not in SHAPES:
-            raise InputError(f"shapes must be one of {list(SHAPES)}, got {shapes!r}.")
-        if shapes != "dynamic" and self.backend != "openvino":
-            raise InputError(f"shapes={shapes!r} applies to the OpenVINO backend only; this embedder runs on "
-                             f"{self.backend} ({self.backend_reason}).")
-        fmt = "openvino" if self.backend == "openvino" else "onnx"
-        if precision is None:
-            prefs = ("fp16", "fp32", "int8") if kind == "cuda" else ("int8", "fp32", "fp16")
-            have = {g.precision for g in self.manifest.graphs if g.format == fmt}
-            precision = next((p for p in prefs if p in have), None)
-            if precision is None:
-                raise ArtifactError(f"{self.root} has no {fmt} graph; re-export it with --format {fmt}.")
-        self.graph = self.manifest.graph(precision, fmt)
-        self.precision = precision
-        cache = default_cache_dir() if hash_cache is True else (Path(hash_cache) if hash_cache else None)
-        tok_path, graph_path, *data = verify_files(
-            self.root, self.manifest, [self.manifest.tokenizer, self.graph.file, *self.graph.external_data], cache)
-        if self.graph.format == "onnx":
-            check_external_data(self.root, self.graph.file, self.graph.external_data)
-        from tokenizers import Tokenizer
-
-        try:
-            self._tokenizer = Tokenizer.from_file(str(tok_path))
-        except Exception as e:
-            raise ArtifactError(f"cannot read {tok_path}: {e}") from None
-        self._tokenizer.no_truncation()
-        self._tokenizer.no_padding()
-        if self.backend == "openvino":
-            self._session: Any = OpenVINOSession(graph_path, data[0], precision, threads or physical_cores(), streams,
-                                                        shapes)
-        else:
-            self._session = create_session(graph_path, device=device, threads=threads, spin=spin)
-        self.providers: list[str] = list(self._session.get_providers())
+        g = open_graph(self.root, self.manifest, precision=precision, backend=backend, device=device, threads=threads,
+                       hash_cache=hash_cache, spin=spin, streams=streams, shapes=shapes)
+        self.backend, self.backend_reason = g.backend, g.backend_reason
+        self.graph, self.precision = g.graph, g.precision
+        self._tokenizer, self._session, self.providers = g.tokenizer, g.session, g.providers
         self._check_declared_outputs()
         sp = self.manifest.special_tokens
         self._pad_id = int(sp.get("pad") or 0)

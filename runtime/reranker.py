@@ -28,10 +28,9 @@ import numpy as np
 
 from .batching import DEFAULT_MEMORY_MB, LINEAR_ATTENTION_FROM, MAX_BATCH_TOKENS, plan_batches
 from .errors import ArtifactError, BackendError, InputError
-from .integrity import default_cache_dir, verify_files
+from .loading import open_graph
 from .manifest import Manifest, read_manifest
 from .ov_session import OpenVINOSession
-from .session import choose_backend, create_session, parse_device, physical_cores
 
 __all__ = ["Reranker", "RerankStats", "pair_ids", "DEFAULT_MAX_LENGTH", "DEFAULT_BATCH_SIZE", "PAIR_SPECIAL_TOKENS"]
 
@@ -77,8 +76,6 @@ class Reranker:
     def __init__(self, artifact_dir: str | os.PathLike[str], precision: str | None = None, backend: str = "auto",
                  device: str = "cpu", threads: int | None = None,
                  hash_cache: bool | str | os.PathLike[str] = True, spin: bool = False) -> None:
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            raise InputError(f"threads must be a positive integer or None (physical cores), got {threads!r}.")
         self.root = Path(artifact_dir)
         self.manifest: Manifest = read_manifest(self.root)
         if self.manifest.kind != "reranker":
@@ -90,34 +87,12 @@ class Reranker:
         if sp.get("cls") is None or sp.get("eos") is None:
             raise ArtifactError(f"{self.root}/manifest.json lacks the cls/eos token ids a pair needs; re-export it.")
         self._cls, self._eos, self._pad = int(sp["cls"] or 0), int(sp["eos"] or 0), int(sp.get("pad") or 0)
-        kind, _ = parse_device(device)
         self.device = device
-        self.backend, self.backend_reason = choose_backend(self.manifest, backend, device, precision)
-        fmt = "openvino" if self.backend == "openvino" else "onnx"
-        if precision is None:
-            prefs = ("fp16", "fp32", "int8") if kind == "cuda" else ("int8", "fp32", "fp16")
-            have = {g.precision for g in self.manifest.graphs if g.format == fmt}
-            precision = next((p for p in prefs if p in have), None)
-            if precision is None:
-                raise ArtifactError(f"{self.root} has no {fmt} graph; re-export it with --format {fmt}.")
-        self.graph = self.manifest.graph(precision, fmt)
-        self.precision = precision
-        cache = default_cache_dir() if hash_cache is True else (Path(hash_cache) if hash_cache else None)
-        tok_path, graph_path, *data = verify_files(
-            self.root, self.manifest, [self.manifest.tokenizer, self.graph.file, *self.graph.external_data], cache)
-        from tokenizers import Tokenizer
-
-        try:
-            self._tokenizer = Tokenizer.from_file(str(tok_path))
-        except Exception as e:
-            raise ArtifactError(f"cannot read {tok_path}: {e}") from None
-        self._tokenizer.no_truncation()
-        self._tokenizer.no_padding()
-        if self.backend == "openvino":
-            self._session: Any = OpenVINOSession(graph_path, data[0], precision, threads or physical_cores())
-        else:
-            self._session = create_session(graph_path, device=device, threads=threads, spin=spin)
-        self.providers: list[str] = list(self._session.get_providers())
+        g = open_graph(self.root, self.manifest, precision=precision, backend=backend, device=device, threads=threads,
+                       hash_cache=hash_cache, spin=spin)
+        self.backend, self.backend_reason = g.backend, g.backend_reason
+        self.graph, self.precision = g.graph, g.precision
+        self._tokenizer, self._session, self.providers = g.tokenizer, g.session, g.providers
         self.max_length = self.manifest.max_length  # the model's limit; FlagReranker's default is DEFAULT_MAX_LENGTH
         self.last_stats = RerankStats()
         self._stats_lock = threading.Lock()

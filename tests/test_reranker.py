@@ -299,3 +299,23 @@ def test_fp16_export_for_gpus_agrees_with_fp32(tiny_reranker_base_dir: Path, bas
     r = Reranker(tmp_path / "fp16", precision="fp16", backend="onnxruntime", hash_cache=False)  # runs on CPU too
     pairs = PAIRS[:14]
     assert _max_diff(r.compute_score(pairs), base_fp32.compute_score(pairs)) < 0.05
+
+
+def test_a_reranker_graph_reading_unlisted_external_data_is_refused(reranker_base_artifact: Path,
+                                                                     tmp_path: Path) -> None:
+    """The Reranker loads through the same checks as the Embedder (runtime/loading.py), unlisted external data too."""
+    import onnx
+    from bge_edge.runtime.errors import IntegrityError
+    from bge_edge.runtime.integrity import sha256_file
+
+    art = tmp_path / "art"
+    shutil.copytree(reranker_base_artifact, art)
+    graph = art / "model.fp32.onnx"
+    onnx.save_model(onnx.load(str(graph)), str(graph), save_as_external_data=True, location="weights.bin",
+                    size_threshold=0)
+    m = json.loads((art / "manifest.json").read_text())
+    m["files"]["model.fp32.onnx"] = {"size": graph.stat().st_size, "sha256": sha256_file(graph)}
+    (art / "manifest.json").write_text(json.dumps(m))
+    assert (art / "weights.bin").is_file()
+    with pytest.raises(IntegrityError, match="refers to the external-data file 'weights.bin', which its manifest"):
+        Reranker(art, precision="fp32", backend="onnxruntime", hash_cache=False)

@@ -194,12 +194,12 @@ def test_flipped_byte_is_refused_before_any_session(bert_artifact: Path, tmp_pat
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0x01
     f.write_bytes(bytes(data))
-    import bge_edge.runtime.embedder as emb
+    import bge_edge.runtime.loading as loading  # the one place sessions are built (Embedder and Reranker)
 
     def no_session(*a: object, **k: object) -> None:
         raise AssertionError("a session was created for a corrupt artifact")
 
-    monkeypatch.setattr(emb, "create_session", no_session)
+    monkeypatch.setattr(loading, "create_session", no_session)
     with pytest.raises(IntegrityError, match=f"{name}.*SHA-256"):
         Embedder(art, precision="int8", hash_cache=hash_cache)
 
