@@ -152,7 +152,7 @@ def _info(a: argparse.Namespace) -> int:
             "query_instruction": m.query_instruction,
             "graphs": [{"file": g.file, "format": g.format, "precision": g.precision, "cpu_target": g.cpu_target,
                         "size_mb": round(sum(m.files[f].size for f in (g.file, *g.external_data)) / 1e6, 1),
-                        "quantization": g.quantization.get("method"), "accuracy": dict(g.accuracy)}
+                        "quantization": dict(g.quantization), "accuracy": dict(g.accuracy)}
                        for g in m.graphs],
             "backend": backend, "providers": chosen, "why": why, "exporter": dict(m.exporter),
             "created": m.created}

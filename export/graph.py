@@ -1,4 +1,4 @@
-"""Build the ONNX graphs: trace the model with its heads, fuse for CPU, quantise to INT8, convert to FP16.
+"""Build the ONNX graphs: trace the model with its heads, fuse for CPU, convert to FP16 (INT8: int8.py).
 
 The traced graph computes DESIGN.md's output semantics end to end, so the runtime only aggregates
 sparse weights per token id:
@@ -16,7 +16,7 @@ from typing import Any
 
 from .source import SourceModel
 
-__all__ = ["OPSET", "graph_module", "trace_onnx", "fuse_for_cpu", "quantize_int8", "convert_fp16", "FUSED_OPS",
+__all__ = ["OPSET", "graph_module", "trace_onnx", "fuse_for_cpu", "convert_fp16", "FUSED_OPS",
            "LINEAR_ATTENTION_ABOVE", "add_linear_attention_to"]
 
 OPSET = 17
@@ -181,32 +181,6 @@ def ffn_down_projections(model: Any) -> list[str]:
     """Names of the MatMuls that read a Gelu output: the FFN down-projections, where activation outliers live."""
     gelu_outputs = {o for n in model.graph.node if "Gelu" in n.op_type for o in n.output}
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[0] in gelu_outputs]
-
-
-def quantize_int8(in_path: Path, out_path: Path, keep_fp32: list[str], quantize_embeddings: bool) -> list[str]:
-    """Dynamic INT8: signed per-channel weights for MatMul/Attention, activations quantised per run.
-
-    ``keep_fp32`` names nodes left in float; the word-embedding Gather is quantised (per tensor, as
-    dynamic mode does) when ``quantize_embeddings``. Returns extra files written.
-    """
-    import logging
-
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # quantizer's pre-processing advice
-    ops = ["MatMul", "Attention"] + (["Gather"] if quantize_embeddings else [])
-    big = in_path.stat().st_size > 1_800_000_000 or Path(str(in_path) + ".data").exists()
-    quantize_dynamic(str(in_path), str(out_path), op_types_to_quantize=ops, per_channel=True,
-                     weight_type=QuantType.QInt8, nodes_to_exclude=keep_fp32, use_external_data_format=big,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True})
-    if big:
-        model = onnx.load(str(out_path), load_external_data=True)
-        for p in out_path.parent.iterdir():
-            if p.is_file() and p.name.startswith(out_path.name) and p != out_path:
-                p.unlink()
-        return save(model, out_path)
-    return []
 
 
 def convert_fp16(in_path: Path, out_path: Path) -> list[str]:

@@ -25,7 +25,7 @@ from bge_edge.runtime.errors import ArtifactError
 from bge_edge.runtime.integrity import sha256_file
 from bge_edge.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, GraphEntry, Manifest
 
-from . import check, graph
+from . import check, graph, int8
 from . import openvino as ov_export
 from .source import SourceModel, inspect_model, load_torch_modules, resolve_model
 
@@ -524,20 +524,21 @@ def _openvino_int8(tmp: Path, traced: Path, ids: list[list[int]], ref: list[list
 
 def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: int, got32: list[list[Any]],
           min_cos: float, log: _Progress) -> tuple[GraphEntry, list[str]]:
-    """All MatMuls INT8 per-channel first; if the cosine is under the bar, keep FFN down-projections fp32."""
+    """Per-token INT8 (export/int8.py) of every MatMul; if under the bar, again with FFN down-projections fp32."""
     import onnx
 
     i8 = tmp / "model.int8.onnx"
     plain = onnx.load(str(fp32), load_external_data=False)  # nodes of the fused fp32 graph, read once
     down = graph.ffn_down_projections(plain)
-    # the quantiser does not touch EmbedLayerNormalization: if fp32 has one, its table stays fp32 in int8 too
-    fused_embeddings = any(n.op_type == "EmbedLayerNormalization" for n in plain.graph.node)
     del plain
     acc: dict[str, Any] = {}
+    extra: list[str] = []
+    quant: dict[str, Any] = {}
     for keep in ([], down):
-        with log.step("quantising to int8" + (" (FFN down-projections kept fp32)" if keep else "")):
-            extra = graph.quantize_int8(fp32, i8, keep_fp32=keep, quantize_embeddings=True)
-        acc = check.agreement(got32, check.run_graph(i8, ids, pad))
+        with log.step("quantising to int8, per token" + (" (FFN down-projections kept fp32)" if keep else "")):
+            extra, quant = int8.write_int8(fp32, i8, ids, keep_fp32=keep)
+        batched = check.run_graph(i8, ids, pad)
+        acc = check.agreement(got32, batched)
         log.say(f"int8 vs fp32: {acc}")
         if check.quality(acc) >= min_cos:
             break
@@ -552,11 +553,10 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
             f"on the calibration set, under the "
             f"threshold {min_cos}; refusing to write it. Export fp32 instead, or pass --min-int8-cosine 0 if the "
             f"weights are random (benchmarks).")
-    quant = {"method": "onnxruntime dynamic int8", "weights": "int8 signed, per-channel", "activations":
-             "uint8 per-tensor, computed at run time",
-             "embeddings": "fp32 (inside the fused EmbedLayerNormalization, which dynamic mode does not quantise)"
-             if fused_embeddings else "int8 per-tensor (Gather)",
-             "kept_fp32": keep, "ops": ["MatMul", "Attention", "Gather"]}
+    with log.step("measuring int8 batch dependence (each text alone vs in padded batches of 8)"):
+        dep = check.parity(check.run_graph(i8, ids, pad, batch=1), batched)
+    log.say(f"int8 batch dependence (max abs): {dep}")
+    quant = {**quant, "batch_dependence_max_abs": dep}
     entry = GraphEntry(file=i8.name, format="onnx", precision="int8", opset=graph.OPSET,
                        cpu_target="any x86-64/arm64; fastest with AVX512-VNNI/AVX-VNNI/ARM dotprod",
                        external_data=tuple(extra), fused=True, quantization=quant,
@@ -569,8 +569,8 @@ def _with_linear_attention(src: SourceModel, tmp: Path, entry: GraphEntry, ids: 
                            got32: list[list[Any]], min_cos: float, log: _Progress) -> GraphEntry:
     """Add the flash-attention branch for unpadded inputs (see longattn.py) to a graph, and check it.
 
-    Done last, on the plain graphs: int8 is quantised from the plain fp32 graph (the quantiser only
-    fuses QAttention outside subgraphs) and fp16 stays plain (CUDA's own Attention is memory-efficient).
+    Done last, on the plain graphs: int8 is quantised from the plain fp32 graph (its MultiHeadAttention nodes get
+    the branch) and fp16 stays plain (CUDA's own Attention is memory-efficient).
     """
     path = tmp / entry.file
     with log.step(f"adding the linear-memory attention path to the {entry.precision} graph"):

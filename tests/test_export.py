@@ -55,16 +55,19 @@ def test_fp32_graph_is_fused_with_dynamic_axes(m3_artifact: Path) -> None:
     assert read_manifest(m3_artifact).graph("fp32").opset == 17
 
 
-def test_int8_graph_quantises_matmuls_per_channel(m3_artifact: Path) -> None:
+def test_int8_graph_quantises_every_matmul_per_token(m3_artifact: Path) -> None:
     import onnx
 
     model = onnx.load(str(m3_artifact / "model.int8.onnx"))
     ops = [n.op_type for n in model.graph.node]
-    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
-    scales = [i for i in model.graph.initializer if i.name.endswith("_scale") and len(i.dims) == 1 and i.dims[0] > 1]
-    assert scales, "per-channel weight scales expected"
+    assert "MatMulIntegerToFloat" in ops and "QuantizeLinear" in ops
+    assert not {"DynamicQuantizeMatMul", "DynamicQuantizeLinear", "QAttention", "MatMul"} & set(ops), \
+        "no per-batch activation scale and no float MatMul left"
     g = read_manifest(m3_artifact).graph("int8")
-    assert g.quantization["weights"] == "int8 signed, per-channel"
+    assert g.quantization["method"] == "bge-edge per-token int8 (MatMulIntegerToFloat)"
+    assert g.quantization["embeddings"] == "int8 per row (Gather)"
+    assert g.quantization["kept_fp32"] == [] and g.quantization["batch_invariant"] is True
+    assert max(g.quantization["batch_dependence_max_abs"].values()) <= 1e-5
     assert g.accuracy["dense_cosine_mean"] >= 0.99
 
 

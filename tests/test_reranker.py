@@ -83,7 +83,8 @@ def test_export_detects_a_reranker_and_records_its_checks(reranker_m3_artifact: 
         assert g.accuracy["score_max_abs_diff"] <= PARITY_TOLERANCE  # the export's own check vs PyTorch
         i8 = m.graph("int8")
         assert i8.accuracy["score_pearson"] >= 0.9 and "pair_order_agreement" in i8.accuracy
-        assert i8.quantization["weights"] == "int8 signed, per-channel"
+        assert i8.quantization["method"] == "bge-edge per-token int8 (MatMulIntegerToFloat)"
+        assert i8.quantization["batch_dependence_max_abs"]["score_max_abs_diff"] <= 1e-5
     m3 = read_manifest(reranker_m3_artifact)
     assert m3.graph("fp32").linear_attention and m3.graph("int8").linear_attention  # v2-m3: long-input path
     assert not read_manifest(reranker_base_artifact).graph("fp32").linear_attention  # 512 tokens: not needed

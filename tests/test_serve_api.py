@@ -280,3 +280,29 @@ def test_openapi_document_matches_routes_and_responses(m3: tuple[TestClient, Emb
             if media == "application/json":
                 _check(r.json(), op["responses"]["200"]["content"][media]["schema"], spec, path)
     assert json.loads(json.dumps(spec)) == spec
+
+
+def test_int8_sidecar_gives_one_vector_for_one_query_under_concurrent_clients(minilm_artifact: Path,
+                                                                              tmp_path: Path) -> None:
+    """32 clients send the same query with different neighbours; the server merges them into batches of its own
+    choosing. With per-token INT8 scales every client gets the vector the query has alone (issue 18 measured 16
+    distinct vectors here with the previous, per-batch INT8)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    emb = Embedder(minilm_artifact, precision="int8", hash_cache=tmp_path)
+    app = create_app(ServeConfig(artifact=str(minilm_artifact)), lambda: EmbedderEngine(emb))
+    query = "vitamin D deficiency and respiratory infections in children"
+    words = "cell protein gene expression tumour patients cohort trial dose effect".split()
+    others = [" ".join(words[(i + k) % len(words)] for k in range(3 + 5 * i)) for i in range(32)]
+    alone = emb.encode([query])["dense_vecs"][0]
+    with TestClient(app, raise_server_exceptions=False) as c:
+        wait_ready(c)
+
+        def call(i: int) -> Any:
+            return c.post("/v1/embeddings", json={"input": [query, *others[i: i + 1 + i % 5]], "model": "m"})
+
+        with ThreadPoolExecutor(32) as ex:
+            responses = list(ex.map(call, range(32)))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200][:1]
+    got = np.array([r.json()["data"][0]["embedding"] for r in responses])
+    np.testing.assert_allclose(got, np.broadcast_to(alone, got.shape), atol=1e-5, rtol=0)
