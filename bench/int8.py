@@ -72,7 +72,7 @@ def nbits(fp32: Path, out: Path, block: int, accuracy: int) -> Path:
     return out
 
 
-def dynamic(fp32: Path, out: Path, keep_fp32: list[str]) -> Path:
+def dynamic(fp32: Path, out: Path, keep_fp32: list[str], hidden: int) -> Path:
     """The previous default: dynamic INT8, per-channel signed weights, activations quantised per tensor per run."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -97,8 +97,7 @@ def dynamic(fp32: Path, out: Path, keep_fp32: list[str]) -> Path:
         f.unlink()
     if had_branch:
         model = onnx.load(str(out), load_external_data=False)
-        add_linear_attention(model, int(next(i.dims[1] for i in model.graph.initializer if "qkv_weight" in i.name)
-                                        // 3))
+        add_linear_attention(model, hidden)
         onnx.save_model(model, str(out))
     return out
 
@@ -118,13 +117,13 @@ def dynamic_as_exported(art: Path, out: Path, real_weights: bool) -> Path:
     ids = check.tokenize(art / "tokenizer.json", check.CALIBRATION_TEXTS, min(m.max_length, 512))
     pad = int(m.special_tokens.get("pad") or 0)
     ref = check.run_graph(fp32, ids, pad)
-    all_int8 = dynamic(fp32, out.with_name(out.stem + "-all.onnx"), [])
+    all_int8 = dynamic(fp32, out.with_name(out.stem + "-all.onnx"), [], m.hidden_size)
     cosine = check.quality(check.agreement(ref, check.run_graph(all_int8, ids, pad)))
     if not real_weights or cosine >= check.MIN_INT8_COSINE:
         all_int8.rename(out)
         return out
     down = graph.ffn_down_projections(onnx.load(str(fp32), load_external_data=False))
-    return dynamic(fp32, out, down)
+    return dynamic(fp32, out, down, m.hidden_size)
 
 
 def per_token_plain(fp32: Path, out: Path) -> Path:
