@@ -125,3 +125,23 @@ def test_int8_on_real_minilm_is_close_to_fp32_over_400_scifact_documents(minilm_
     print(f"int8 vs fp32 dense cosine over 400 SciFact documents: mean {cos.mean():.5f}, min {cos.min():.5f}")
     # measured on an AVX2 host: 0.99889 / 0.99820 (bench/results/int8.md)
     assert cos.mean() >= 0.9985 and cos.min() >= 0.997
+
+
+def test_openvino_int8_output_is_the_same_alone_and_in_a_padded_batch(m3_ov_artifact: Path, scifact_dir: Path) -> None:
+    """NNCF's INT8 has static activation scales: batch-invariant by construction; measured here so it stays so."""
+    ov = pytest.importorskip("openvino")
+    m = read_manifest(m3_ov_artifact)
+    compiled = ov.Core().compile_model(str(m3_ov_artifact / m.graph("int8", "openvino").file), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32"})
+    rows = check.tokenize(m3_ov_artifact / "tokenizer.json", load_task(scifact_dir).docs[:8], 128)
+    pad = int(m.special_tokens.get("pad") or 0)
+
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.asarray(v) for v in compiled(feed).values()]
+
+    alone = [run(_padded([r], len(r), pad)) for r in rows]
+    together = run(_padded(rows, max(len(r) for r in rows) + LONGER, pad))
+    for k, out in enumerate(together):
+        for i, r in enumerate(rows):
+            n = len(r) - k + 1 if k else None
+            np.testing.assert_allclose(out[i][:n], alone[i][k][0][:n], atol=1e-5, rtol=0)
