@@ -152,7 +152,8 @@ def fuse_for_cpu(src: SourceModel, in_path: Path, out_path: Path) -> tuple[dict[
     missing = [op for op in FUSED_OPS if not stats.get(op)]
     if missing or layers == 0:
         raise FusionError(f"ONNX Runtime's optimiser did not fuse {missing} (got {stats}); the exported graph has "
-                          f"an attention pattern it does not recognise. Export with --no-fuse to keep the plain graph.")
+                          f"an attention pattern it does not recognise. bge-edge exports BERT and XLM-RoBERTa "
+                          f"encoders (BGE, MiniLM); please report the model id with this message.")
     if not any(o.domain == "com.microsoft" for o in opt.model.opset_import):  # fused ops live in this domain
         import onnx
 
