@@ -13,8 +13,8 @@ MTEB_SCIFACT_MINILM_L6 = 64.51  # published MTEB nDCG@10 of sentence-transformer
 
 
 @pytest.mark.slow
-def test_scifact_ndcg_reproduces_mteb_and_int8_loses_at_most_a_fifth_of_a_point(minilm_artifact: Path, scifact_dir: Path,
-                                                                    scifact_ndcg) -> None:  # type: ignore[no-untyped-def]
+def test_scifact_ndcg_reproduces_mteb_and_int8_loses_at_most_a_fifth_of_a_point(
+        minilm_artifact: Path, scifact_dir: Path, scifact_ndcg) -> None:  # type: ignore[no-untyped-def]
     task = load_task(scifact_dir)
     assert len(task.docs) == 5183 and len(task.queries) == 300
     scores = {p: scifact_ndcg(minilm_artifact, "onnxruntime", p) for p in ("fp32", "int8")}
