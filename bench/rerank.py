@@ -84,7 +84,8 @@ def _scorer(system: str, spec: dict[str, Any]) -> Any:
 
         precision = "int8" if system.endswith("int8") else "fp32"
         backend = "openvino" if "-ov-" in system else "onnxruntime"
-        r = Reranker(spec["artifact"], precision=precision, backend=backend, threads=threads)
+        art = spec.get("ov_artifact", spec["artifact"]) if backend == "openvino" else spec["artifact"]
+        r = Reranker(art, precision=precision, backend=backend, threads=threads)
         return lambda q, ps: r.compute_score([(q, p) for p in ps], max_length=MAX_LENGTH)
     import torch
 
@@ -195,20 +196,23 @@ def export(src: Path, out: Path, max_gb: float, formats: tuple[str, ...] = ("onn
             "min_int8_cosine=0.0)")
     t = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
-    peak, steps = 0.0, []
+    peak, since, steps = 0.0, [0.0], []  # since[0]: the peak since the previous log line (that step's own peak)
     import threading
 
     def read() -> None:
         assert p.stderr is not None
         for line in p.stderr:
-            steps.append((round(time.perf_counter() - t, 1), round(peak / 1024, 2), line.rstrip()))
+            steps.append((round(time.perf_counter() - t, 1), round(peak / 1024, 2), round(since[0] / 1024, 2),
+                          line.rstrip()))
+            since[0] = 0.0
             print(line, end="", file=sys.stderr)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     stopped = None
     while p.poll() is None:
-        peak = max(peak, _tree_rss_mb(p.pid))
+        rss = _tree_rss_mb(p.pid)
+        peak, since[0] = max(peak, rss), max(since[0], rss)
         if peak > max_gb * 1024:
             p.kill()
             stopped = f"stopped: RSS passed {max_gb} GB"
@@ -217,7 +221,7 @@ def export(src: Path, out: Path, max_gb: float, formats: tuple[str, ...] = ("onn
     p.wait()
     reader.join(timeout=5)
     rec: dict[str, Any] = {"seconds": round(time.perf_counter() - t, 1), "peak_rss_gb": round(peak / 1024, 2),
-                           "steps": steps[-40:]}
+                           "steps": steps[-80:]}  # (s since start, peak GB so far, peak GB of the step, line)
     if stopped or p.returncode != 0:
         rec["failed"] = stopped or f"exit code {p.returncode}"
         return rec
@@ -272,6 +276,12 @@ def main() -> None:
     p.add_argument("--max-export-gb", type=float, default=10.0)
     p.add_argument("--formats", nargs="+", default=["onnx", "openvino"], choices=["onnx", "openvino"],
                    help="graph formats to export (edge-ov-* need openvino)")
+    p.add_argument("--artifact", default=None,
+                   help="artifact folder name under bench/.cache (default edge-reranker-SHAPE); a new name exports "
+                        "afresh with the current export code, e.g. to bench a changed INT8 recipe beside an old one")
+    p.add_argument("--openvino-artifact", default=None,
+                   help="artifact folder name under bench/.cache that edge-ov-* read (default: --artifact's), e.g. "
+                        "the first export's when a second one re-exports only --formats onnx")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per system")
     p.add_argument("--out", default=None, help="results file (default bench/results/rerank.md; tiny: not written)")
     a = p.parse_args()
@@ -279,11 +289,14 @@ def main() -> None:
         worker(a.worker, a.spec)
         return
     t0 = time.perf_counter()
+    a.load_start = _loadavg()
     src, build_s = build_source(a.shape)
-    art = CACHE / f"edge-reranker-{a.shape}"
+    art = CACHE / (a.artifact or f"edge-reranker-{a.shape}")
     exp = export(src, art, a.max_export_gb, tuple(a.formats))
     exp["source_build_s"] = round(build_s, 1)
-    spec = {"artifact": str(art), "source": str(src), "queries": a.queries, "top": a.top, "threads": a.threads,
+    ov_art = CACHE / a.openvino_artifact if a.openvino_artifact else art
+    spec = {"artifact": str(art), "ov_artifact": str(ov_art), "source": str(src), "queries": a.queries, "top": a.top,
+            "threads": a.threads,
             "timeout": a.timeout, "work": candidates(a.queries + 1, a.top)}  # the last query is the warm-up
     spec_path = CACHE / f"rerank-spec-{a.shape}.json"
     spec_path.write_text(json.dumps(spec))
@@ -314,6 +327,27 @@ def main() -> None:
     print(write())
 
 
+def _peer_versions() -> str:
+    """The peers' package versions, from their own venv (it pins its own torch/transformers/sentence-transformers)."""
+    if not PEERS_PYTHON.exists():
+        return "(no .venv-bench)"
+    code = ("import importlib.metadata as md\n"
+            "for n in ['FlagEmbedding', 'sentence-transformers', 'transformers', 'torch', 'onnxruntime', 'optimum',\n"
+            "          'optimum-onnx', 'optimum-intel', 'openvino']:\n"
+            "    try: print(n, md.version(n))\n"
+            "    except md.PackageNotFoundError: pass\n")
+    r = subprocess.run([str(PEERS_PYTHON), "-c", code], capture_output=True, text=True, timeout=60)
+    return ", ".join(r.stdout.split("\n")[:-1]) if r.returncode == 0 else "?"
+
+
+def _loadavg() -> str:
+    try:
+        load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+    return f"{load} (1/5/15 min, {time.strftime('%H:%M UTC', time.gmtime())})"
+
+
 def report(a: argparse.Namespace, exp: dict[str, Any], results: list[dict[str, Any]], seconds: float) -> str:
     m = machine()
     ran = {r["system"]: r for r in results if "skipped" not in r}
@@ -326,10 +360,12 @@ def report(a: argparse.Namespace, exp: dict[str, Any], results: list[dict[str, A
              f"{'' if 'avx512_vnni' in m['isa'] else ' (no AVX512-VNNI: INT8 runs on AVX2)'}, {m['memory_gib']} GiB; "
              f"threads {a.threads}; git {m['git']}",
              "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v != "-"),
+             f"- **Peers' versions** (.venv-bench): {_peer_versions()}",
              f"- **Workload**: {a.queries} timed queries (after a 16-pair warm-up) x {a.top} pairs, FlagReranker "
              f"truncation at {MAX_LENGTH} tokens, one query per call; each system in a fresh process. Run took "
              f"{seconds / 60:.1f} min: "
              f"`python -m bench.rerank {' '.join(sys.argv[1:])}`",
+             f"- **Load average** at start {getattr(a, 'load_start', '?')}, at this write {_loadavg()}",
              f"- **Export** (fp32 + int8, {' + '.join(a.formats)}, one process): "
              + (f"stopped/failed ({exp['failed']}) after {exp.get('seconds')} s at peak RSS {exp.get('peak_rss_gb')} GB"
                 if "failed" in exp else
