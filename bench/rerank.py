@@ -11,7 +11,7 @@ fresh process with the same thread count: load, a warm-up (16 pairs of another q
 pairs/s over all of them and per-query latency p50/p99.
 Systems (those whose packages are missing are listed as not run):
   edge-int8 / edge-fp32          bge-edge Reranker, ONNX Runtime
-  edge-ov-int8 / edge-ov-fp32    bge-edge Reranker, OpenVINO (same artifact)
+  edge-ov-int8 / edge-ov-fp32    bge-edge Reranker, OpenVINO (same artifact, or --openvino-artifact)
   flag-fp32                      FlagEmbedding's FlagReranker (torch fp32), from the peers' venv (.venv-bench)
   torch-fp32                     FlagReranker's math in transformers/torch fp32 (tests/reference_reranker.py's
                                  truncation, length-sorted batches): stands in when FlagEmbedding is missing
