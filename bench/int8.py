@@ -1,6 +1,7 @@
 """INT8 recipes for ONNX Runtime, measured against the previous default (dynamic INT8) in one run (issue 18).
 
     python -m bench.int8 [--rounds 3] [--texts 300] [--docs 400] [--ndcg fp32,per-token,dynamic] [--m3-full]
+                         [--openvino] [--skip-minilm]
 
 Every candidate is built from the same fused fp32 graph of the export (or, for static QDQ, from the same traced
 graph), into ``bench/.cache/int8`` (needs the [export] extra). For each it prints:
@@ -22,11 +23,9 @@ Candidates (see bench/results/int8.md for what each one is and what it measured)
                       activations per tensor per batch); FFN down-projections fp32 when the all-int8 graph's
                       calibration cosine is under 0.99, as export did
   nbits8-b32-acc4     MatMulNBits 8-bit on the fused graph's MatMuls, Attention (Q/K/V projection) kept fp32
-  mha-nbits8-bB-accA  MultiHeadAttention fusion, every projection (Q/K/V too) MatMulNBits 8-bit, block B,
-                      accuracy_level A (4: int8 compute, activations quantised per row per block; 0: fp32
-                      compute on dequantised weights)
-  qdq-percentile /    static QDQ: per-channel int8 weights, uint8 activations with scales calibrated on the
-  qdq-entropy         export's calibration texts (export/check.py), percentile 99.99 / entropy
+  qkv1-nbits8-bB-acc4 the same on export/int8.py's MultiHeadAttention form, so Q/K/V are quantised too, block B
+  qdq-entropy         static QDQ: per-channel int8 weights, uint8 activations with per-tensor scales calibrated on
+                      the export's calibration texts (export/check.py), entropy method
 """
 
 from __future__ import annotations
