@@ -272,12 +272,14 @@ def test_one_embedder_from_eight_threads_equals_serial(m3: Embedder) -> None:
         assert all(np.array_equal(a, b) for a, b in zip(s["colbert_vecs"], p["colbert_vecs"]))
 
 
-def test_runtime_never_imports_heavy_packages(m3_artifact: Path) -> None:
+def test_runtime_never_imports_heavy_packages(m3_artifact: Path, reranker_base_artifact: Path) -> None:
     code = (
         "import sys\n"
-        "from bge_edge.runtime import Embedder\n"
+        "from bge_edge.runtime import Embedder, Reranker\n"
         f"m = Embedder({str(m3_artifact)!r}, hash_cache=False)\n"
         "m.encode(['hello'], return_sparse=True, return_colbert_vecs=True)\n"
+        f"r = Reranker({str(reranker_base_artifact)!r}, backend='onnxruntime', hash_cache=False)\n"
+        "r.compute_score([('a', 'b')]); r.rerank('a', ['b', 'c'])\n"
         "m.compute_score([('a', 'b')])\n"
         "import bge_edge.kernels, bge_edge.cli\n"
         "bad = [n for n in ('torch', 'transformers', 'optimum', 'onnx', 'openvino', 'bge_edge.export') "
