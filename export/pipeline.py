@@ -536,7 +536,11 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
     quant: dict[str, Any] = {}
     for keep in ([], down):
         with log.step("quantising to int8, per token" + (" (FFN down-projections kept fp32)" if keep else "")):
-            extra, quant = int8.write_int8(fp32, i8, ids, keep_fp32=keep)
+            try:
+                extra, quant = int8.write_int8(fp32, i8, ids, keep_fp32=keep)
+            except ValueError as e:  # a graph form the per-token rewrite does not handle (export/int8.py)
+                raise ExportError(f"cannot quantise this model to int8: {e}. Export fp32 (and fp16) instead, and "
+                                  f"please report the model id with this message.") from e
         batched = check.run_graph(i8, ids, pad)
         acc = check.agreement(got32, batched)
         log.say(f"int8 vs fp32: {acc}")

@@ -268,3 +268,22 @@ def test_int8_manifest_says_whether_the_embedding_table_was_quantised(m3_artifac
         ops = {n.op_type for n in onnx.load(str(art / g.file), load_external_data=False).graph.node}
         fused = "EmbedLayerNormalization" in ops
         assert g.quantization["embeddings"].startswith("fp32" if fused else "int8"), (art, ops)
+
+
+def test_int8_rewrite_of_an_unsupported_graph_is_a_clear_export_error(tiny_bert_dir: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph form export/int8.py cannot rewrite (here: every weight shared) gives an ExportError, no artifact."""
+    from bge_edge.export import ExportError, export_model
+    from bge_edge.export.pipeline import int8  # the module export_model calls
+
+    real = int8.smooth
+
+    def shared_weights(model, absmax, alpha, keep):  # type: ignore[no-untyped-def]
+        mm = [n for n in model.graph.node if n.op_type == "MatMul"]
+        mm[1].input[1] = mm[0].input[1]  # two MatMuls read one weight: smoothing cannot scale it for one reader
+        return real(model, absmax, alpha, keep)
+
+    monkeypatch.setattr(int8, "smooth", shared_weights)
+    with pytest.raises(ExportError, match=r"cannot quantise this model to int8: weight .* is shared.*Export fp32"):
+        export_model(tiny_bert_dir, tmp_path / "out", ["fp32", "int8"], quiet=True)
+    assert not (tmp_path / "out").exists() and not any(tmp_path.iterdir())
