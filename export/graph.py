@@ -79,12 +79,14 @@ def output_names(src: SourceModel) -> list[str]:
 def trace_onnx(src: SourceModel, modules: tuple[Any, Any, Any], out_path: Path) -> None:
     """Trace the fp32 model with dynamic batch and sequence axes (TorchScript exporter, opset 17).
 
-    Graphs larger than 2 GB are written with one external-data file beside them.
+    Graphs larger than 2 GB are written with one external-data file beside them; other files in the folder are
+    left alone.
     """
     import warnings
 
     import torch
 
+    before = set(out_path.parent.iterdir())
     model = graph_module(src, *modules)
     ids = torch.tensor([[src.special_tokens["cls"] or 0, 5, 6, 7, 8, 2], [0, 9, 10, 2, 1, 1]], dtype=torch.long)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.long)
@@ -98,17 +100,14 @@ def trace_onnx(src: SourceModel, modules: tuple[Any, Any, Any], out_path: Path) 
                           input_names=["input_ids", "attention_mask"], output_names=names,
                           dynamic_axes={k: v for k, v in axes.items() if k in names or k.startswith(("input", "att"))},
                           do_constant_folding=True)
-    _consolidate_external_data(out_path)
+    _consolidate_external_data(out_path, [p for p in out_path.parent.iterdir() if p not in before and p != out_path])
 
 
-def _consolidate_external_data(path: Path) -> None:
-    """The TorchScript exporter writes one file per tensor for big models; rewrite as graph + one .data file.
-
-    ``path`` must sit alone in its own working folder.
-    """
+def _consolidate_external_data(path: Path, others: list[Path]) -> None:
+    """The TorchScript exporter writes one file per tensor (``others``) for big models; rewrite as graph + one
+    .data file."""
     import onnx
 
-    others = [p for p in path.parent.iterdir() if p != path]
     if not others:
         return
     model = onnx.load(str(path), load_external_data=True)

@@ -287,3 +287,14 @@ def test_int8_rewrite_of_an_unsupported_graph_is_a_clear_export_error(tiny_bert_
     with pytest.raises(ExportError, match=r"cannot quantise this model to int8: weight .* is shared.*Export fp32"):
         export_model(tiny_bert_dir, tmp_path / "out", ["fp32", "int8"], quiet=True)
     assert not (tmp_path / "out").exists() and not any(tmp_path.iterdir())
+
+
+def test_tracing_leaves_other_files_in_the_folder_alone(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from bge_edge.export.graph import trace_onnx
+    from bge_edge.export.source import inspect_model, load_torch_modules
+
+    (tmp_path / "notes.txt").write_text("mine")
+    src = inspect_model(tiny_bert_dir, "tiny")
+    trace_onnx(src, load_torch_modules(src), tmp_path / "traced.onnx")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "traced.onnx"]
