@@ -43,11 +43,22 @@ def test_flash_branch_matches_plain_graph(m3_graph, length: int) -> None:  # typ
     mask = np.ones_like(padded)
     mask[0, -1] = 0
     plain = sess.run(None, {"input_ids": padded, "attention_mask": mask})
-    # int8 too: activation scales are per token, so a padding column changes nothing (export/int8.py)
-    tol = 1e-5
-    np.testing.assert_allclose(flash[0], plain[0], atol=tol, rtol=0)  # dense
-    np.testing.assert_allclose(flash[1], plain[1][:, :length], atol=tol, rtol=0)  # sparse
-    np.testing.assert_allclose(flash[2], plain[2][:, : length - 1], atol=tol, rtol=0)  # colbert
+    pairs = [
+        (flash[0], plain[0]),  # dense
+        (flash[1], plain[1][:, :length]),  # sparse
+        (flash[2], plain[2][:, : length - 1]),  # colbert
+    ]
+    if precision == "fp32":
+        for got, want in pairs:
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        return
+    # int8: the two attention kernels differ by ~1e-7, which may flip one activation's int8 rounding in a token row
+    # (seen on CI: one ColBERT row of 2,048 moved 9e-4). The runtime never pads a text this long (it runs alone and
+    # takes the flash branch every time), so this is not a batch dependence; bound it as rare and one step small.
+    for got, want in pairs:
+        np.testing.assert_allclose(got, want, atol=5e-3, rtol=0)
+    rows_off = np.abs(pairs[2][0] - pairs[2][1])[0].max(axis=-1) > 1e-5
+    assert rows_off.sum() <= 0.01 * rows_off.size, f"{rows_off.sum()} of {rows_off.size} ColBERT rows moved over 1e-5"
 
 
 def _text_of(emb: Embedder, tokens: int) -> str:
