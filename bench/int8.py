@@ -146,6 +146,19 @@ def per_token_plain(fp32: Path, out: Path) -> Path:
     return out
 
 
+def per_token_static_norm(art: Path, out: Path, margin: float) -> Path:
+    """export/int8.py with LayerNorm outputs on one calibrated scale (x ``margin``), the rest per token."""
+    from bge_edge.runtime.manifest import read_manifest
+
+    from export import check
+    from export.int8 import write_int8
+
+    if not out.exists():
+        ids = check.tokenize(art / "tokenizer.json", check.CALIBRATION_TEXTS, read_manifest(art).max_length)
+        write_int8(art / "model.fp32.onnx", out, ids, [], static_norm=margin)
+    return out
+
+
 def static_qdq(traced: Path, out: Path, tokenizer: Path, pad: int, method: str) -> Path:
     """Static QDQ: int8 per-channel weights, uint8 per-tensor activation scales calibrated on CALIBRATION_TEXTS.
 
@@ -235,7 +248,8 @@ def candidates(name: str, full: bool) -> dict[str, Path]:
     var.mkdir(exist_ok=True)
     out = {"fp32": fp32, "per-token": art / "model.int8.onnx",
            "dynamic": dynamic_as_exported(art, var / "dynamic.onnx", real_weights=name == "minilm"),
-           "per-token-plain": per_token_plain(fp32, var / "per-token-plain.onnx")}
+           "per-token-plain": per_token_plain(fp32, var / "per-token-plain.onnx"),
+           "static-norm": per_token_static_norm(art, var / "static-norm.onnx", 1.0)}
     if not full:
         return out
     out["nbits8-b32-acc4"] = nbits(fp32, var / "nbits8-b32-acc4.onnx", 32, 4)

@@ -11,7 +11,12 @@ own scale, computed in the graph, and keeps everything else per channel and cons
                         the shift's constant product with W' goes into the next bias)
                      -> MatMulIntegerToFloat(uint8, int8 W' per column) * row scale
 
-Attention keeps fp32 softmax in MultiHeadAttention; its Q/K/V projection is one quantised MatMul + Split. The
+Rows are flattened to 2-D around the MatMul so that one QuantizeLinear (per axis 0, the row scales) does the divide,
+round and clip in one pass; an attention output's 1/s is folded into the V projection instead of a Mul (softmax(QK) V
+is linear in V's channels). These elementwise passes, not the GEMMs, are what per-token costs over ONNX Runtime's
+dynamic recipe (bench/results/int8.md), so each one removed is measured speed.
+
+Attention keeps fp32 softmax in MultiHeadAttention; its Q, K and V projections are three quantised MatMuls. The
 word-embedding table (a plain Gather) is int8 per row. On AVX2 without VNNI, ONNX Runtime's u8 x s8 kernel adds
 adjacent pairs of products in int16 (vpmaddubsw) and saturates when both are large; the weights are quantised so
 that |q[2j] + q[2j+1]| <= 128 in every column, which bounds every pair sum by 255 * 128 < 2^15. That costs a
@@ -48,7 +53,7 @@ def recipe(embeddings: str, kept_fp32: list[str], alpha: float, n_texts: int) ->
 # ---------------------------------------------------------------- graph rewrites (in place, nodes and weights)
 
 def to_multihead(model: Any) -> int:
-    """Each fused ``Attention`` -> MatMul(x, W_qkv) + Split + ``MultiHeadAttention`` (same weights, bias and mask).
+    """Each fused ``Attention`` -> MatMuls x W_q, x W_k, x W_v + ``MultiHeadAttention`` (same weights, bias, mask).
 
     The projection becomes a plain MatMul that the row quantiser can take; the rest computes the same softmax.
     """
@@ -70,14 +75,16 @@ def to_multihead(model: Any) -> int:
         hidden = numpy_helper.to_array(inits[ins[1]]).shape[1] // 3 if ins[1] in inits else None
         if hidden is None:
             raise ValueError(f"Attention node {node.name!r} has no constant Q/K/V weight")
-        sizes = f"{tag}_qkv_sizes"
-        g.initializer.append(numpy_helper.from_array(np.array([hidden] * 3, np.int64), sizes))
+        w = numpy_helper.to_array(inits[ins[1]])
+        if sum(1 for nd in g.node for i in nd.input if i == ins[1]) == 1:
+            g.initializer.remove(inits[ins[1]])
         mha_attrs = {k: v for k, v in attrs.items() if k in ("num_heads", "scale", "mask_filter_value")}
-        nodes += [helper.make_node("MatMul", ins[:2], [f"{tag}_qkv"], name=f"{tag}_qkv"),
-                  helper.make_node("Split", [f"{tag}_qkv", sizes], [f"{tag}_{c}" for c in "qkv"],
-                                   name=f"{tag}_qkv_split", axis=2),
-                  helper.make_node("MultiHeadAttention", [f"{tag}_q", f"{tag}_k", f"{tag}_v", ins[2], ins[3]],
-                                   list(node.output), name=f"{tag}_mha", domain=MS, **mha_attrs)]
+        for j, c in enumerate("qkv"):  # three MatMuls, not one + Split: no copy of the projections
+            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w[:, j * hidden:(j + 1) * hidden]),
+                                                         f"{tag}_w{c}"))
+            nodes.append(helper.make_node("MatMul", [ins[0], f"{tag}_w{c}"], [f"{tag}_{c}"], name=f"{tag}_{c}"))
+        nodes.append(helper.make_node("MultiHeadAttention", [f"{tag}_q", f"{tag}_k", f"{tag}_v", ins[2], ins[3]],
+                                      list(node.output), name=f"{tag}_mha", domain=MS, **mha_attrs))
         n += 1
     del g.node[:]
     g.node.extend(nodes)
@@ -92,7 +99,7 @@ def _quantizable(model: Any, keep_fp32: set[str]) -> list[Any]:
             and inits[n.input[1]].data_type == 1]
 
 
-def smooth(model: Any, absmax: dict[str, np.ndarray], alpha: float, keep_fp32: set[str]) -> None:
+def smooth(model: Any, absmax: dict[str, np.ndarray], alpha: float, keep_fp32: set[str]) -> dict[str, np.ndarray]:
     """SmoothQuant: per input channel k, x_k / s_k and W[k, :] * s_k for every quantised MatMul reading x."""
     from onnx import helper, numpy_helper
 
@@ -101,7 +108,7 @@ def smooth(model: Any, absmax: dict[str, np.ndarray], alpha: float, keep_fp32: s
     readers: dict[str, list[Any]] = {}
     for n in _quantizable(model, keep_fp32):
         readers.setdefault(n.input[0], []).append(n)
-    muls = {}
+    muls, factors = {}, {}
     for x, mms in readers.items():
         ws = [numpy_helper.to_array(inits[m.input[1]]) for m in mms]
         wmax = np.max([np.abs(w).max(axis=1) for w in ws], axis=0)
@@ -110,12 +117,41 @@ def smooth(model: Any, absmax: dict[str, np.ndarray], alpha: float, keep_fp32: s
             if sum(1 for nd in g.node for i in nd.input if i == m.input[1]) != 1:
                 raise ValueError(f"weight {m.input[1]!r} is shared; cannot smooth it for one reader")
             inits[m.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), m.input[1]))
+        factors[x] = s
+        if _fold_into_value(g, inits, x, s):
+            continue
         inv = f"{x}_smooth_inv"
         g.initializer.append(numpy_helper.from_array((1 / s).astype(np.float32), inv))
         muls[x] = helper.make_node("Mul", [x, inv], [f"{x}_smooth"], name=f"{x}_smooth")
         for m in mms:
             m.input[0] = f"{x}_smooth"
     _insert_before_first_reader(model, muls)
+    return factors
+
+
+def _fold_into_value(g: Any, inits: dict[str, Any], x: str, s: np.ndarray) -> bool:
+    """x / s for an attention output x, folded into the V projection (columns and bias): softmax(QK) V is linear
+    in V's channels, so no Mul node is needed. False (nothing changed) unless x comes from such a MultiHeadAttention."""
+    from onnx import numpy_helper
+
+    uses: dict[str, int] = {}
+    for nd in g.node:
+        for i in nd.input:
+            uses[i] = uses.get(i, 0) + 1
+    mha = next((nd for nd in g.node if x in nd.output and nd.op_type == "MultiHeadAttention"), None)
+    if mha is None or len(mha.input) < 4 or mha.input[3] not in inits or uses.get(mha.input[3]) != 1:
+        return False
+    v = next((nd for nd in g.node if mha.input[2] in nd.output and nd.op_type == "MatMul"), None)
+    if v is None or v.input[1] not in inits or uses.get(v.input[1]) != 1 or uses.get(v.output[0]) != 1:
+        return False
+    w, bias = numpy_helper.to_array(inits[v.input[1]]), numpy_helper.to_array(inits[mha.input[3]]).copy()
+    h = w.shape[1]
+    if bias.shape != (3 * h,) or s.shape != (h,):
+        return False
+    bias[2 * h:] /= s
+    inits[v.input[1]].CopyFrom(numpy_helper.from_array((w / s[None, :]).astype(np.float32), v.input[1]))
+    inits[mha.input[3]].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), mha.input[3]))
+    return True
 
 
 def _insert_before_first_reader(model: Any, new: dict[str, Any]) -> None:
@@ -152,8 +188,11 @@ def pair_safe_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q[: w.shape[0]].astype(np.int8), scale
 
 
-def quantize_rows(model: Any, keep_fp32: set[str], opset: int) -> int:
-    """Every quantisable MatMul -> per-row activation quantisation + MatMulIntegerToFloat; returns how many."""
+def quantize_rows(model: Any, keep_fp32: set[str], opset: int, static: dict[str, float] | None = None) -> int:
+    """Every quantisable MatMul -> per-row activation quantisation + MatMulIntegerToFloat; returns how many.
+
+    ``static``: inputs quantised with one constant scale instead (uint8 around 128): no row scale, no rescale.
+    """
     from onnx import helper, numpy_helper
 
     g = model.graph
@@ -176,6 +215,7 @@ def quantize_rows(model: Any, keep_fp32: set[str], opset: int) -> int:
     inv127, inv255 = const(np.array(1 / 127, np.float32), "rowq_inv127"), const(np.array(1 / 255, np.float32),
                                                                                  "rowq_inv255")
     axes = const(np.array([-1], np.int64), "rowq_axes") if opset >= 18 else None
+    flat, column = const(np.array([-1], np.int64), "rowq_flat"), const(np.array([-1, 1], np.int64), "rowq_column")
 
     def row_max(x: str, y: str) -> Any:
         if axes is None:
@@ -200,7 +240,11 @@ def quantize_rows(model: Any, keep_fp32: set[str], opset: int) -> int:
     todo = _quantizable(model, keep_fp32)
     for k, n in enumerate(todo):
         x, p = n.input[0], f"rowq{k}"
-        if x not in quantized:
+        if x not in quantized and static and x in static:
+            t = const(np.array(static[x], np.float32), f"{p}_static_scale")
+            before[id(n)] = [helper.make_node("QuantizeLinear", [x, t, zp128], [f"{p}_u8"], name=f"{p}_u8")]
+            quantized[x] = (f"{p}_u8", t, zp128, None)
+        elif x not in quantized:
             c = gelu_shift(x)
             if c is None:
                 nodes = [helper.make_node("Abs", [x], [f"{p}_abs"], name=f"{p}_abs"), row_max(f"{p}_abs", f"{p}_max"),
@@ -212,20 +256,36 @@ def quantize_rows(model: Any, keep_fp32: set[str], opset: int) -> int:
                          row_max(f"{p}_shifted", f"{p}_max"),
                          helper.make_node("Mul", [f"{p}_max", inv255], [f"{p}_s0"], name=f"{p}_s0")]
                 shifted, zp = f"{p}_shifted", zp0
+            # rows flattened to 2-D so QuantizeLinear divides by each row's scale itself (per axis 0): no Div pass
+            rows = const(np.array([-1, numpy_helper.to_array(inits[n.input[1]]).shape[0]], np.int64), f"{p}_rows")
             nodes += [helper.make_node("Max", [f"{p}_s0", eps], [f"{p}_scale"], name=f"{p}_scale"),
-                      helper.make_node("Div", [shifted, f"{p}_scale"], [f"{p}_div"], name=f"{p}_div"),
-                      helper.make_node("QuantizeLinear", [f"{p}_div", one, zp], [f"{p}_u8"], name=f"{p}_u8")]
+                      helper.make_node("Reshape", [f"{p}_scale", flat], [f"{p}_sflat"], name=f"{p}_sflat"),
+                      helper.make_node("Shape", [f"{p}_sflat"], [f"{p}_n"], name=f"{p}_n"),
+                      helper.make_node("Expand", [zp, f"{p}_n"], [f"{p}_zp"], name=f"{p}_zp"),
+                      helper.make_node("Reshape", [shifted, rows], [f"{p}_x2"], name=f"{p}_x2"),
+                      helper.make_node("QuantizeLinear", [f"{p}_x2", f"{p}_sflat", f"{p}_zp"], [f"{p}_u8"],
+                                       name=f"{p}_u8", axis=0),
+                      helper.make_node("Reshape", [f"{p}_scale", column], [f"{p}_s2"], name=f"{p}_s2"),
+                      helper.make_node("Shape", [x], [f"{p}_lead"], name=f"{p}_lead", end=-1)]
             before[id(n)] = nodes
-            quantized[x] = (f"{p}_u8", f"{p}_scale", zp, c)
+            quantized[x] = (f"{p}_u8", f"{p}_s2", zp, c)
         xq, scale, zp, c = quantized[x]
         w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
         q, ws = pair_safe_int8(w)
         wq, wsn = const(q, f"{p}_weight_int8"), const(ws, f"{p}_weight_scale")
         y = n.output[0]
+        if static and x in static:
+            replace[id(n)] = [helper.make_node("MatMulIntegerToFloat", [xq, wq, scale, wsn, zp], [n.output[0]],
+                                               name=f"{p}_int", domain=MS)]
+            continue
+        lead = quantized[x][0].removesuffix("_u8") + "_lead"
+        n_out = const(np.array([w.shape[1]], np.int64), f"{p}_cols")
         nodes = [helper.make_node("MatMulIntegerToFloat", [xq, wq, one, wsn, zp], [f"{p}_int"], name=f"{p}_int",
-                                  domain=MS)]
+                                  domain=MS),
+                 helper.make_node("Concat", [lead, n_out], [f"{p}_shape"], name=f"{p}_shape", axis=0)]
+        y2 = f"{p}_y2"
         if c is None:
-            nodes.append(helper.make_node("Mul", [f"{p}_int", scale], [y], name=f"{p}_rescale"))
+            nodes.append(helper.make_node("Mul", [f"{p}_int", scale], [y2], name=f"{p}_rescale"))
         else:  # (x + c) W = x W + c W: subtract c W' (with the quantised W', as the kernel uses) from the bias
             correction = -(np.broadcast_to(c, (w.shape[0],)).astype(np.float64) @ (q.astype(np.float64) * ws))
             users = readers.get(y, [])
@@ -235,11 +295,12 @@ def quantize_rows(model: Any, keep_fp32: set[str], opset: int) -> int:
             if bias is not None:
                 b = numpy_helper.to_array(inits[bias]).astype(np.float64)
                 inits[bias].CopyFrom(numpy_helper.from_array((b + correction).astype(np.float32), bias))
-                nodes.append(helper.make_node("Mul", [f"{p}_int", scale], [y], name=f"{p}_rescale"))
+                nodes.append(helper.make_node("Mul", [f"{p}_int", scale], [y2], name=f"{p}_rescale"))
             else:
                 corr = const(correction.astype(np.float32), f"{p}_shift_correction")
                 nodes += [helper.make_node("Mul", [f"{p}_int", scale], [f"{p}_rescaled"], name=f"{p}_rescale"),
-                          helper.make_node("Add", [f"{p}_rescaled", corr], [y], name=f"{p}_unshift")]
+                          helper.make_node("Add", [f"{p}_rescaled", corr], [y2], name=f"{p}_unshift")]
+        nodes.append(helper.make_node("Reshape", [y2, f"{p}_shape"], [y], name=f"{p}_unflat", allowzero=1))
         replace[id(n)] = nodes
     out = []
     for n in g.node:
@@ -317,7 +378,7 @@ def calibrate(fp32: Path, names: list[str], ids: list[list[int]]) -> dict[str, n
 
 
 def write_int8(fp32: Path, out: Path, ids: list[list[int]], keep_fp32: list[str],
-               alpha: float = ALPHA) -> tuple[list[str], dict[str, Any]]:
+               alpha: float = ALPHA, static_norm: float | None = None) -> tuple[list[str], dict[str, Any]]:
     """The int8 graph of the fused fp32 graph ``fp32``, written to ``out``; returns (extra files, manifest recipe).
 
     ``ids``: calibration texts (token ids) for the smoothing factors; ``keep_fp32``: MatMul names left in float.
@@ -332,8 +393,13 @@ def write_int8(fp32: Path, out: Path, ids: list[list[int]], keep_fp32: list[str]
     keep = set(keep_fp32)
     names = sorted({n.input[0] for n in _quantizable(model, keep)})
     absmax = calibrate(fp32, names, ids)
-    smooth(model, absmax, alpha, keep)
-    quantize_rows(model, keep, opset)
+    factors = smooth(model, absmax, alpha, keep)
+    static = None
+    if static_norm is not None:  # LayerNorm outputs: one calibrated scale (x static_norm) per tensor
+        producer = {o: n.op_type for n in model.graph.node for o in n.output}
+        static = {f"{x}_smooth": float((absmax[x] / s).max() / 127 * static_norm) for x, s in factors.items()
+                  if "LayerNormalization" in producer.get(x, "")}
+    quantize_rows(model, keep, opset, static)
     tables = quantize_embedding_rows(model)
     fused = any(n.op_type == "EmbedLayerNormalization" for n in model.graph.node)
     embeddings = ("int8 per row (Gather)" if tables else
