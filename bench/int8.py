@@ -19,6 +19,8 @@ BGE-M3 (speed and batch dependence; its export peaks near 16 GB and takes ~10 mi
 Candidates (see bench/results/int8.md for what each one is and what it measured):
   per-token           export's INT8 (export/int8.py): per-token activation scales, SmoothQuant, pair-safe weights
   per-token-plain     the same without smoothing
+  static-norm         per-token, but LayerNorm outputs (the Q/K/V and FFN-up inputs) on one calibrated scale per
+                      tensor: QuantizeLinear only, no row scale and no rescale Mul
   dynamic             the previous default: onnxruntime quantize_dynamic (QAttention + DynamicQuantizeMatMul,
                       activations per tensor per batch); FFN down-projections fp32 when the all-int8 graph's
                       calibration cosine is under 0.99, as export did

@@ -388,7 +388,7 @@ def report(a: argparse.Namespace, exp: dict[str, Any], results: list[dict[str, A
         if fp32 in ran:
             pairs = [_overlap_spearman(x, y) for x, y in zip(ran[fp32]["scores"], r["scores"])]
             agree = [f"{np.mean([o for o, _ in pairs]):.3f}", f"{np.mean([s for _, s in pairs]):.3f}"]
-        lines.append(f"| {r['system']} | {pps:.1f} | {np.percentile(lat, 50) * 1000:.0f} | "
+        lines.append(f"| {r['system']} | {pps:.3g} | {np.percentile(lat, 50) * 1000:.0f} | "
                      f"{np.percentile(lat, 99) * 1000:.0f} | {r['load_s']:.1f} | {r['peak_rss_mb']:.0f} | {vs_flag} | "
                      f"{vs_st} | {agree[0]} | {agree[1]} |")
     lines += ["", "Rank agreement is INT8 against FP32 of the same backend; the weights are random (see the "
