@@ -19,8 +19,8 @@ BGE-M3 (speed and batch dependence; its export peaks near 16 GB and takes ~10 mi
 Candidates (see bench/results/int8.md for what each one is and what it measured):
   per-token           export's INT8 (export/int8.py): per-token activation scales, SmoothQuant, pair-safe weights
   per-token-plain     the same without smoothing
-  static-norm         per-token, but LayerNorm outputs (the Q/K/V and FFN-up inputs) on one calibrated scale per
-                      tensor: QuantizeLinear only, no row scale and no rescale Mul
+  static-norm         (MiniLM) per-token, but LayerNorm outputs (the Q/K/V and FFN-up inputs) on one calibrated
+                      scale per tensor: QuantizeLinear only, no row scale and no rescale Mul
   dynamic             the previous default: onnxruntime quantize_dynamic (QAttention + DynamicQuantizeMatMul,
                       activations per tensor per batch); FFN down-projections fp32 when the all-int8 graph's
                       calibration cosine is under 0.99, as export did
@@ -149,7 +149,8 @@ def per_token_plain(fp32: Path, out: Path) -> Path:
 
 
 def per_token_static_norm(art: Path, out: Path, margin: float) -> Path:
-    """export/int8.py with LayerNorm outputs on one calibrated scale (x ``margin``), the rest per token."""
+    """export/int8.py with LayerNorm outputs on one calibrated scale (x ``margin``), the rest per token
+    (MiniLM: an fp32 graph without the long-input branch, which write_int8 expects as export gives it)."""
     from bge_edge.runtime.manifest import read_manifest
 
     from export import check
@@ -250,10 +251,10 @@ def candidates(name: str, full: bool) -> dict[str, Path]:
     var.mkdir(exist_ok=True)
     out = {"fp32": fp32, "per-token": art / "model.int8.onnx",
            "dynamic": dynamic_as_exported(art, var / "dynamic.onnx", real_weights=name == "minilm"),
-           "per-token-plain": per_token_plain(fp32, var / "per-token-plain.onnx"),
-           "static-norm": per_token_static_norm(art, var / "static-norm.onnx", 1.0)}
+           "per-token-plain": per_token_plain(fp32, var / "per-token-plain.onnx")}
     if not full:
         return out
+    out["static-norm"] = per_token_static_norm(art, var / "static-norm.onnx", 1.0)
     out["nbits8-b32-acc4"] = nbits(fp32, var / "nbits8-b32-acc4.onnx", 32, 4)
     qkv = multihead_fp32(fp32, var / "multihead.fp32.onnx")
     for b in (32, 128):
@@ -390,7 +391,12 @@ def _ratio_cell(v: list[float]) -> str:
 
 
 def _size(p: Path) -> str:
-    return f"{sum(f.stat().st_size for f in p.parent.glob(p.name + '*')) / 1e6:.1f}"
+    """MB of the graph and the external data files it names (a renamed graph keeps its data file's old name)."""
+    import onnx
+
+    m = onnx.load(str(p), load_external_data=False)
+    files = {p} | {p.parent / e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
+    return f"{sum(f.stat().st_size for f in files) / 1e6:.1f}"
 
 
 def minilm(a: argparse.Namespace, texts: list[str], docs: list[str], task: Any, wanted_ndcg: list[str], so: Any,
