@@ -109,16 +109,20 @@ def smooth(model: Any, absmax: dict[str, np.ndarray], alpha: float, keep_fp32: s
     for n in _quantizable(model, keep_fp32):
         readers.setdefault(n.input[0], []).append(n)
     muls, factors = {}, {}
+    uses: dict[str, int] = {}
+    for nd in g.node:
+        for i in nd.input:
+            uses[i] = uses.get(i, 0) + 1
     for x, mms in readers.items():
         ws = [numpy_helper.to_array(inits[m.input[1]]) for m in mms]
         wmax = np.max([np.abs(w).max(axis=1) for w in ws], axis=0)
         s = (np.maximum(absmax[x], 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha)).astype(np.float32)
         for m, w in zip(mms, ws):
-            if sum(1 for nd in g.node for i in nd.input if i == m.input[1]) != 1:
+            if uses.get(m.input[1]) != 1:
                 raise ValueError(f"weight {m.input[1]!r} is shared; cannot smooth it for one reader")
             inits[m.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), m.input[1]))
         factors[x] = s
-        if _fold_into_value(g, inits, x, s):
+        if _fold_into_value(g, inits, uses, x, s):
             continue
         inv = f"{x}_smooth_inv"
         g.initializer.append(numpy_helper.from_array((1 / s).astype(np.float32), inv))
@@ -129,15 +133,11 @@ def smooth(model: Any, absmax: dict[str, np.ndarray], alpha: float, keep_fp32: s
     return factors
 
 
-def _fold_into_value(g: Any, inits: dict[str, Any], x: str, s: np.ndarray) -> bool:
+def _fold_into_value(g: Any, inits: dict[str, Any], uses: dict[str, int], x: str, s: np.ndarray) -> bool:
     """x / s for an attention output x, folded into the V projection (columns and bias): softmax(QK) V is linear
     in V's channels, so no Mul node is needed. False (nothing changed) unless x comes from such a MultiHeadAttention."""
     from onnx import numpy_helper
 
-    uses: dict[str, int] = {}
-    for nd in g.node:
-        for i in nd.input:
-            uses[i] = uses.get(i, 0) + 1
     mha = next((nd for nd in g.node if x in nd.output and nd.op_type == "MultiHeadAttention"), None)
     if mha is None or len(mha.input) < 4 or mha.input[3] not in inits or uses.get(mha.input[3]) != 1:
         return False

@@ -93,6 +93,9 @@ def test_multihead_rewrite_and_smoothing_keep_the_fp32_math(minilm_artifact: Pat
     assert to_multihead(model) == 6
     names = sorted({n.input[0] for n in _quantizable(model, set())})
     smooth(model, calibrate(fp32, names, ids), 0.5, set())
+    attention_out = {o for n in model.graph.node if n.op_type == "MultiHeadAttention" for o in n.output}
+    assert not [n.name for n in model.graph.node if n.op_type == "Mul" and n.input[0] in attention_out], \
+        "an attention output's smoothing belongs in the V projection, not in a Mul"
     onnx.save_model(model, str(tmp_path / "smoothed.onnx"))
     par = check.parity(check.run_graph(fp32, ids, 0), check.run_graph(tmp_path / "smoothed.onnx", ids, 0))
     assert par["dense_max_abs_diff"] <= 1e-5, par
