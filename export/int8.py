@@ -234,7 +234,8 @@ def quantize_rows(model: Any, keep_fp32: set[str], opset: int, static: dict[str,
                 return (GELU_MIN * k).astype(np.float32)
         return None
 
-    quantized: dict[str, tuple[str, str, str, np.ndarray | None]] = {}  # x -> (uint8, row scale, zero point, shift)
+    # x -> (uint8, row scale, zero point, shift, leading dims of x)
+    quantized: dict[str, tuple[str, str, str, np.ndarray | None, str]] = {}
     before: dict[int, list[Any]] = {}
     replace: dict[int, list[Any]] = {}
     todo = _quantizable(model, keep_fp32)
@@ -243,7 +244,7 @@ def quantize_rows(model: Any, keep_fp32: set[str], opset: int, static: dict[str,
         if x not in quantized and static and x in static:
             t = const(np.array(static[x], np.float32), f"{p}_static_scale")
             before[id(n)] = [helper.make_node("QuantizeLinear", [x, t, zp128], [f"{p}_u8"], name=f"{p}_u8")]
-            quantized[x] = (f"{p}_u8", t, zp128, None)
+            quantized[x] = (f"{p}_u8", t, zp128, None, "")
         elif x not in quantized:
             c = gelu_shift(x)
             if c is None:
@@ -268,8 +269,8 @@ def quantize_rows(model: Any, keep_fp32: set[str], opset: int, static: dict[str,
                       helper.make_node("Reshape", [f"{p}_scale", column], [f"{p}_s2"], name=f"{p}_s2"),
                       helper.make_node("Shape", [x], [f"{p}_lead"], name=f"{p}_lead", end=-1)]
             before[id(n)] = nodes
-            quantized[x] = (f"{p}_u8", f"{p}_s2", zp, c)
-        xq, scale, zp, c = quantized[x]
+            quantized[x] = (f"{p}_u8", f"{p}_s2", zp, c, f"{p}_lead")
+        xq, scale, zp, c, lead = quantized[x]
         w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
         q, ws = pair_safe_int8(w)
         wq, wsn = const(q, f"{p}_weight_int8"), const(ws, f"{p}_weight_scale")
@@ -278,7 +279,6 @@ def quantize_rows(model: Any, keep_fp32: set[str], opset: int, static: dict[str,
             replace[id(n)] = [helper.make_node("MatMulIntegerToFloat", [xq, wq, scale, wsn, zp], [n.output[0]],
                                                name=f"{p}_int", domain=MS)]
             continue
-        lead = quantized[x][0].removesuffix("_u8") + "_lead"
         n_out = const(np.array([w.shape[1]], np.int64), f"{p}_cols")
         nodes = [helper.make_node("MatMulIntegerToFloat", [xq, wq, one, wsn, zp], [f"{p}_int"], name=f"{p}_int",
                                   domain=MS),
