@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ALPHA", "write_int8", "to_multihead", "recipe"]
+__all__ = ["ALPHA", "write_int8", "to_multihead", "value_projections", "recipe"]
 
 MS = "com.microsoft"
 ALPHA = 0.5  # SmoothQuant migration strength: measured best for MiniLM among 0.3-0.8 (bench/results/int8.md)
@@ -46,7 +46,7 @@ def recipe(embeddings: str, kept_fp32: list[str], alpha: float, n_texts: int) ->
             "activations": "uint8 per token row, computed at run time: symmetric with zero point 128; GELU "
                            f"outputs shifted by +{GELU_MIN} from 0",
             "smoothing": f"SmoothQuant alpha {alpha}, calibrated on {n_texts} texts",
-            "attention": "MultiHeadAttention fp32 (Q/K/V projection quantised)",
+            "attention": "MultiHeadAttention fp32 (Q/K/V projections quantised unless kept fp32)",
             "embeddings": embeddings, "kept_fp32": kept_fp32, "batch_invariant": True}
 
 
@@ -71,7 +71,7 @@ def to_multihead(model: Any) -> int:
         if len(ins) != 4 or not all(ins) or set(attrs) - {"num_heads", "scale", "mask_filter_value"}:
             raise ValueError(f"Attention node {node.name!r} has a form this rewrite does not handle "
                              f"(inputs {ins}, attributes {sorted(attrs)})")
-        tag = node.name or node.output[0]
+        tag = _tag(node)
         hidden = numpy_helper.to_array(inits[ins[1]]).shape[1] // 3 if ins[1] in inits else None
         if hidden is None:
             raise ValueError(f"Attention node {node.name!r} has no constant Q/K/V weight")
@@ -89,6 +89,19 @@ def to_multihead(model: Any) -> int:
     del g.node[:]
     g.node.extend(nodes)
     return n
+
+
+def _tag(attention: Any) -> str:
+    return str(attention.name or attention.output[0])
+
+
+def value_projections(model: Any) -> list[str]:
+    """Names `to_multihead` gives the V projections of ``model``'s fused Attention nodes (for ``keep_fp32``).
+
+    The V projection carries a LayerNorm output's quantisation error linearly into the residual stream; in fp32 it
+    removes a third of MiniLM's INT8 cosine loss for 1/12 of the GEMM work (bench/results/int8.md, attribution).
+    """
+    return [f"{_tag(n)}_v" for n in model.graph.node if n.op_type == "Attention" and n.domain == MS]
 
 
 def _quantizable(model: Any, keep_fp32: set[str]) -> list[Any]:

@@ -197,18 +197,40 @@ def test_interrupted_export_removes_its_temporary_folder(tiny_bert_dir: Path, tm
     assert list(tmp_path.iterdir()) == []
 
 
-def test_int8_below_the_accuracy_bar_is_refused_after_a_retry_that_says_why(tiny_bert_dir: Path,
-                                                                             tmp_path: Path) -> None:
+def test_int8_below_the_accuracy_bar_is_refused_after_retries_that_say_why(tiny_bert_dir: Path,
+                                                                           tmp_path: Path) -> None:
     import io
 
     from bge_edge.export import ExportError, export_model
 
     log = io.StringIO()
-    with pytest.raises(ExportError, match="under the threshold"):
+    with pytest.raises(ExportError, match="under the threshold 1.01"):
         export_model(tiny_bert_dir, tmp_path / "out", ["int8"], min_int8_cosine=1.01, stream=log)
     assert list(tmp_path.iterdir()) == []
-    assert re.search(r"int8 mean dense cosine [01]\.\d+ < 1\.01: retrying with the \d+ FFN down-projections "
-                     r"\(where activation outliers live\) in fp32", log.getvalue()), log.getvalue()
+    for kept in ("V projections", "V projections and FFN down-projections"):
+        assert re.search(rf"int8 quality [01]\.\d+ is under the floor 1\.01: again with the {kept} kept fp32",
+                         log.getvalue()), log.getvalue()
+
+
+def test_int8_under_the_quality_target_keeps_the_v_projections_fp32(tiny_bert_dir: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """All-INT8 under check.INT8_TARGET_COSINE (here unreachable) but over the floor: the V projections stay fp32,
+    the graph is still batch-invariant, and the manifest records both steps' figures."""
+    import onnx
+
+    from bge_edge.export import export_model
+
+    monkeypatch.setattr("bge_edge.export.check.INT8_TARGET_COSINE", 1.01)  # the module export_model's pipeline reads
+    export_model(tiny_bert_dir, tmp_path / "out", ["fp32", "int8"], quiet=True)
+    g = read_manifest(tmp_path / "out").graph("int8")
+    steps = g.quantization["steps"]
+    assert [st["kept_fp32"] for st in steps] == ["none", "V projections"], steps
+    assert steps[1]["quality"] == g.accuracy["dense_cosine_mean"] >= 0.99
+    kept = g.quantization["kept_fp32"]
+    assert len(kept) == 2 and all(k.endswith("_v") for k in kept), kept  # one per layer of the 2-layer model
+    floats = [n for n in onnx.load(str(tmp_path / "out" / g.file)).graph.node if n.op_type == "MatMul"]
+    assert sorted(n.name for n in floats) == sorted(kept)
+    assert max(g.quantization["batch_dependence_max_abs"].values()) <= 1e-5
 
 
 def test_a_package_folder_points_at_the_model_folder_inside_it(minilm_dir: Path) -> None:

@@ -104,13 +104,16 @@ def test_multihead_rewrite_and_smoothing_keep_the_fp32_math(minilm_artifact: Pat
 @pytest.mark.slow
 def test_int8_on_real_minilm_is_close_to_fp32_over_400_scifact_documents(minilm_artifact: Path,
                                                                          scifact_dir: Path) -> None:
+    """Issue 18's quality goal: mean cosine >= 0.999, min >= 0.997 (export keeps what the target needs fp32)."""
     docs = load_task(scifact_dir).docs[:400]
     got = {p: Embedder(minilm_artifact, precision=p, backend="onnxruntime").encode(docs)["dense_vecs"]
            for p in ("fp32", "int8")}
     cos = np.sum(got["fp32"] * got["int8"], axis=1)  # both L2-normalised
-    print(f"int8 vs fp32 dense cosine over 400 SciFact documents: mean {cos.mean():.5f}, min {cos.min():.5f}")
-    # measured on an AVX2 host: 0.99889 / 0.99820 (bench/results/int8.md)
-    assert cos.mean() >= 0.9985 and cos.min() >= 0.997
+    steps = read_manifest(minilm_artifact).graph("int8").quantization["steps"]
+    print(f"int8 vs fp32 dense cosine over 400 SciFact documents: mean {cos.mean():.5f}, min {cos.min():.5f}; "
+          f"export's steps {steps}")
+    # measured on an AVX2 host: 0.99924 / 0.99882 with the V projections fp32 (all-INT8: 0.99888 / 0.99827)
+    assert cos.mean() >= 0.999 and cos.min() >= 0.997
 
 
 def test_openvino_int8_output_is_the_same_alone_and_in_a_padded_batch(m3_ov_artifact: Path, scifact_dir: Path) -> None:
