@@ -1,7 +1,7 @@
 """INT8 recipes for ONNX Runtime, measured against the previous default (dynamic INT8) in one run (issue 18).
 
     python -m bench.int8 [--rounds 3] [--texts 300] [--docs 400] [--ndcg fp32,per-token,dynamic] [--m3-full]
-                         [--openvino] [--skip-minilm]
+                         [--openvino] [--skip-minilm] [--graphs a,b] [--attribution]
 
 Every candidate is built from the same fused fp32 graph of the export (or, for static QDQ, from the same traced
 graph), into ``bench/.cache/int8`` (needs the [export] extra). For each it prints:
@@ -17,7 +17,9 @@ dependence), the tiny random M3 (batch dependence of all three heads); ``--m3-fu
 BGE-M3 (speed and batch dependence; its export peaks near 16 GB and takes ~10 min on 2 cores).
 
 Candidates (see bench/results/int8.md for what each one is and what it measured):
-  per-token           export's INT8 (export/int8.py): per-token activation scales, SmoothQuant, pair-safe weights
+  per-token           export's INT8 (export/int8.py): per-token activation scales, SmoothQuant, pair-safe weights;
+                      the V projections fp32 where the all-INT8 graph is under export's 0.999 cosine target
+  per-token-all-int8  (where export kept some MatMuls fp32) the same graph with every MatMul int8
   per-token-plain     the same without smoothing
   static-norm         (MiniLM) per-token, but LayerNorm outputs (the Q/K/V and FFN-up inputs) on one calibrated
                       scale per tensor: QuantizeLinear only, no row scale and no rescale Mul
@@ -28,6 +30,9 @@ Candidates (see bench/results/int8.md for what each one is and what it measured)
   qkv1-nbits8-bB-acc4 the same on export/int8.py's MultiHeadAttention form, so Q/K/V are quantised too, block B
   qdq-entropy         static QDQ: per-channel int8 weights, uint8 activations with per-tensor scales calibrated on
                       the export's calibration texts (export/check.py), entropy method
+
+``--attribution``: real MiniLM's per-token graph with one class of MatMul (Q/K/V, attention output, FFN up, FFN
+down) kept fp32 at a time, to show where the cosine loss comes from.
 """
 
 from __future__ import annotations
@@ -148,6 +153,20 @@ def per_token_plain(fp32: Path, out: Path) -> Path:
     return out
 
 
+def per_token_all_int8(art: Path, out: Path) -> Path:
+    """export/int8.py's graph with every MatMul int8 (export keeps the V projections fp32 under its quality target;
+    an fp32 graph without the long-input branch, as for static-norm)."""
+    from bge_edge.runtime.manifest import read_manifest
+
+    from export import check
+    from export.int8 import write_int8
+
+    if not out.exists():
+        ids = check.tokenize(art / "tokenizer.json", check.CALIBRATION_TEXTS, read_manifest(art).max_length)
+        write_int8(art / "model.fp32.onnx", out, ids, [])
+    return out
+
+
 def per_token_static_norm(art: Path, out: Path, margin: float) -> Path:
     """export/int8.py with LayerNorm outputs on one calibrated scale (x ``margin``), the rest per token
     (MiniLM: an fp32 graph without the long-input branch, which write_int8 expects as export gives it)."""
@@ -252,6 +271,8 @@ def candidates(name: str, full: bool) -> dict[str, Path]:
     out = {"fp32": fp32, "per-token": art / "model.int8.onnx",
            "dynamic": dynamic_as_exported(art, var / "dynamic.onnx", real_weights=name == "minilm"),
            "per-token-plain": per_token_plain(fp32, var / "per-token-plain.onnx")}
+    if read_manifest(art).graph("int8").quantization.get("kept_fp32"):  # export kept some MatMuls fp32
+        out["per-token-all-int8"] = per_token_all_int8(art, var / "per-token-all-int8.onnx")
     if not full:
         return out
     out["static-norm"] = per_token_static_norm(art, var / "static-norm.onnx", 1.0)
@@ -406,7 +427,7 @@ def minilm(a: argparse.Namespace, texts: list[str], docs: list[str], task: Any, 
     from bench.retrieval import ndcg_at_k, rank
 
     art = artifact("minilm")
-    graphs = candidates("minilm", full=True)
+    graphs = {k: p for k, p in candidates("minilm", full=True).items() if not a.graphs or k in a.graphs + ["dynamic"]}
     rows = _tok(art, docs[:BATCH], 128)
     say("## all-MiniLM-L6-v2 (real weights)\n")
     cos, dep = {}, {}
@@ -435,6 +456,53 @@ def minilm(a: argparse.Namespace, texts: list[str], docs: list[str], task: Any, 
         say(f"| {k} | {_ratio_cell(ratios[k])} | {cos[k][0]:.5f} / {cos[k][1]:.5f} | "
             f"{dep[k]['dense_batch']:.1e} / {dep[k]['dense_longer']:.1e} | "
             f"{f'{nd[k]:.2f}' if k in nd else '-'} | {_size(p)} |")
+
+
+def matmul_classes(fp32: Path) -> dict[str, list[str]]:
+    """The quantisable MatMuls of export/int8.py's rewrite of ``fp32``, by the tensor they read: Q/K/V (a LayerNorm
+    output), attention output, FFN up (a LayerNorm output, writes a Gelu input), FFN down (a Gelu output)."""
+    import onnx
+
+    from export.int8 import _quantizable, to_multihead
+
+    model = onnx.load(str(fp32), load_external_data=False)
+    to_multihead(model)
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    gelu_inputs = {i for n in model.graph.node if "Gelu" in n.op_type for i in n.input}
+    classes: dict[str, list[str]] = {"Q/K/V": [], "attention output": [], "FFN up": [], "FFN down": []}
+    for n in _quantizable(model, set()):
+        made_by = producer.get(n.input[0], "")
+        c = ("FFN down" if "Gelu" in made_by else "attention output" if made_by == "MultiHeadAttention"
+             else "FFN up" if n.output[0] in gelu_inputs else "Q/K/V")
+        classes[c].append(n.name)
+    return classes
+
+
+def attribution(docs: list[str], say: Callable[[str], None]) -> None:
+    """Real MiniLM: the per-token graph with one class of MatMul left fp32 at a time: where the cosine loss is."""
+    from bge_edge.runtime.manifest import read_manifest
+
+    from bench.report import dense_cosine
+    from export import check
+    from export.int8 import write_int8
+
+    art = artifact("minilm")
+    fp32 = art / "model.fp32.onnx"
+    ids = check.tokenize(art / "tokenizer.json", check.CALIBRATION_TEXTS, read_manifest(art).max_length)
+    ref = encode_all(art, fp32, docs)
+    full = dense_cosine(encode_all(art, art / "model.int8.onnx", docs), ref)
+    say(f"all-MiniLM-L6-v2, per-token graph with one MatMul class kept fp32; dense cosine to fp32 over {len(docs)} "
+        f"SciFact documents; loss = 1 - mean cosine.\n")
+    say("| kept fp32 | MatMuls | cosine mean / min | loss | share of the all-INT8 loss removed |")
+    say("|---|---|---|---|---|")
+    say(f"| none (export's graph) | 0 | {full[0]:.5f} / {full[1]:.5f} | {1 - full[0]:.2e} | - |")
+    for c, names in matmul_classes(fp32).items():
+        out = WORK / "minilm-variants" / f"keep-{c.replace('/', '').replace(' ', '-')}.onnx"
+        if not out.exists():
+            write_int8(fp32, out, ids, names)
+        cos = dense_cosine(encode_all(art, out, docs), ref)
+        say(f"| {c} | {len(names)} | {cos[0]:.5f} / {cos[1]:.5f} | {1 - cos[0]:.2e} | "
+            f"{(cos[0] - full[0]) / (1 - full[0]):.0%} |")
 
 
 def random_weights(name: str, title: str, timed: bool, texts: list[str], docs: list[str], rounds: int, so: Any,
@@ -467,6 +535,10 @@ def main() -> None:
     ap.add_argument("--m3-full", action="store_true", help="also full-shape random BGE-M3 (~16 GB to export)")
     ap.add_argument("--skip-minilm", action="store_true", help="only the random-weight models")
     ap.add_argument("--profile", default="", help="comma-separated MiniLM graphs: op-type shares, then exit")
+    ap.add_argument("--graphs", type=lambda v: v.split(","), default=[],
+                    help="comma-separated MiniLM candidates to measure (default: all; dynamic is always in)")
+    ap.add_argument("--attribution", action="store_true",
+                    help="MiniLM: cosine with one MatMul class kept fp32 at a time, then exit")
     ap.add_argument("--out", type=Path, default=RESULTS / "int8.md")
     a = ap.parse_args()
     import onnxruntime as ort
@@ -503,6 +575,9 @@ def main() -> None:
         return
     task = load_task(SCIFACT)
     docs = task.docs[:a.docs]
+    if a.attribution:
+        attribution(docs, say)
+        return
     wanted_ndcg = [x for x in a.ndcg.split(",") if x]
 
     so = ort.SessionOptions()
