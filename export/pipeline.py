@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import gc
 import importlib.util
+import math
 import os
 import platform
 import shutil
@@ -524,11 +525,10 @@ def _openvino_int8(tmp: Path, traced: Path, ids: list[list[int]], ref: list[list
 
 def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: int, got32: list[list[Any]],
           min_cos: float, log: _Progress) -> tuple[GraphEntry, list[str]]:
-    """Per-token INT8 (export/int8.py), the fastest of three graphs that meets the quality target.
-
-    All MatMuls int8; if under check.INT8_TARGET_COSINE, the V projections fp32 (~3 % slower, a third of the loss
-    on real MiniLM), kept if over the floor ``min_cos``; if that is under the floor too, the FFN down-projections
-    fp32 as well; under the floor, refused. Every step's figure goes into the manifest.
+    """Per-token INT8 (export/int8.py): all MatMuls int8; under check.INT8_TARGET_COSINE, again with the V projections
+    fp32 (2-6 % slower, a third of the loss on real MiniLM); if the best is under the floor ``min_cos``, again with
+    the FFN down-projections fp32 too. Keeps the best graph over the floor (so the first that meets the target);
+    refuses when none is over it. Every step's figure goes into the manifest.
     """
     import onnx
 
@@ -536,13 +536,16 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
     plain = onnx.load(str(fp32), load_external_data=False)  # nodes of the fused fp32 graph, read once
     values, down = int8.value_projections(plain), graph.ffn_down_projections(plain)
     del plain
-    ladder = [("none", []), ("V projections", values), ("V projections and FFN down-projections", values + down)]
-    ladder = [(what, keep) for i, (what, keep) in enumerate(ladder) if keep not in [k for _, k in ladder[:i]]]
     target = check.INT8_TARGET_COSINE
+    # (what is kept fp32, its MatMuls, the best quality so far under which this step is tried)
+    ladder = [("none", [], math.inf), ("V projections", values, target),
+              ("V projections and FFN down-projections", values + down, min_cos)]
     acc: dict[str, Any] = {}
     extra: list[str] = []
     quant: dict[str, Any] = {}
     steps: list[dict[str, Any]] = []
+    batched: list[list[Any]] = []
+
     def build(what: str, keep: list[str]) -> float:
         nonlocal extra, quant, acc, batched
         with log.step("quantising to int8, per token" + (f" ({what} kept fp32)" if keep else "")):
@@ -556,27 +559,30 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
         log.say(f"int8 vs fp32: {acc}")
         return check.quality(acc)
 
-    batched: list[list[Any]] = []
-    for i, (what, keep) in enumerate(ladder):
-        q = build(what, keep)
-        steps.append({"kept_fp32": what, "quality": q})
-        if q >= min_cos and (q >= target or i > 0):
-            break
-        if i + 1 < len(ladder):
-            log.say(f"int8 quality {q} is under the {'floor' if q < min_cos else 'target'} "
-                    f"{min_cos if q < min_cos else target}: again with the {ladder[i + 1][0]} kept fp32")
-    else:
-        if steps[0]["quality"] >= min_cos:  # more fp32 did not help: the all-int8 graph, over the floor
-            build(*ladder[0])
-        else:
-            for f in [i8, *(tmp / e for e in extra)]:
-                f.unlink(missing_ok=True)
-            raise ExportError(
-                f"int8 agreement with fp32 (mean dense cosine, or score Pearson for rerankers) is "
-                f"{max(st['quality'] for st in steps)} at best on the calibration set ({steps}), under the threshold "
-                f"{min_cos}; refusing to write it. Export fp32 instead, or pass --min-int8-cosine 0 if the weights "
-                f"are random (benchmarks).")
-    quant = {**quant, "quality_target": target, "steps": steps}
+    tried: list[list[str]] = []
+    for what, keep, under in ladder:
+        best = max((st["quality"] for st in steps), default=-math.inf)
+        if best >= under or keep in tried:
+            continue
+        if steps:
+            log.say(f"int8 quality {best} is under the {'target' if under == target else 'floor'} {under}: again "
+                    f"with the {what} kept fp32")
+        steps.append({"kept_fp32": what, "quality": build(what, keep)})
+        tried.append(keep)
+    over = [i for i, st in enumerate(steps) if st["quality"] >= min_cos]
+    if not over:
+        for f in [i8, *(tmp / e for e in extra)]:
+            f.unlink(missing_ok=True)
+        raise ExportError(
+            f"int8 agreement with fp32 (mean dense cosine, or score Pearson for rerankers) is "
+            f"{max(st['quality'] for st in steps)} at best on the calibration set ({steps}), under the threshold "
+            f"{min_cos}; refusing to write it. Export fp32 instead, or pass --min-int8-cosine 0 if the weights "
+            f"are random (benchmarks).")
+    chosen = max(over, key=lambda i: steps[i]["quality"])  # the first that met the target, else the best over the floor
+    if chosen != len(steps) - 1:  # a later step scored lower: write the chosen graph again
+        log.say(f"keeping the graph with {steps[chosen]['kept_fp32']} kept fp32: the best over the floor")
+        build(steps[chosen]["kept_fp32"], tried[chosen])
+    quant = {**quant, "quality_target": target, "steps": steps, "chosen": steps[chosen]["kept_fp32"]}
     with log.step("measuring int8 batch dependence (each text alone vs in padded batches of 8)"):
         dep = check.parity(check.run_graph(i8, ids, pad, batch=1), batched)
     log.say(f"int8 batch dependence (max abs): {dep}")

@@ -105,15 +105,22 @@ def test_multihead_rewrite_and_smoothing_keep_the_fp32_math(minilm_artifact: Pat
 def test_int8_on_real_minilm_is_close_to_fp32_over_400_scifact_documents(minilm_artifact: Path,
                                                                          scifact_dir: Path) -> None:
     """Issue 18's quality goal: mean cosine >= 0.999, min >= 0.997 (export keeps what the target needs fp32)."""
+    import onnx
+
     docs = load_task(scifact_dir).docs[:400]
     got = {p: Embedder(minilm_artifact, precision=p, backend="onnxruntime").encode(docs)["dense_vecs"]
            for p in ("fp32", "int8")}
     cos = np.sum(got["fp32"] * got["int8"], axis=1)  # both L2-normalised
-    steps = read_manifest(minilm_artifact).graph("int8").quantization["steps"]
+    g = read_manifest(minilm_artifact).graph("int8")
+    steps = g.quantization["steps"]
     print(f"int8 vs fp32 dense cosine over 400 SciFact documents: mean {cos.mean():.5f}, min {cos.min():.5f}; "
           f"export's steps {steps}")
     # measured on an AVX2 host: 0.99924 / 0.99882 with the V projections fp32 (all-INT8: 0.99888 / 0.99827)
     assert cos.mean() >= 0.999 and cos.min() >= 0.997
+    # all-INT8 is under the 0.999 target on the calibration texts (0.99885): the 6 V projections stay fp32
+    assert g.quantization["chosen"] == "V projections" and steps[0]["quality"] < 0.999 <= steps[1]["quality"]
+    floats = [n.name for n in onnx.load(str(minilm_artifact / g.file)).graph.node if n.op_type == "MatMul"]
+    assert len(floats) == 6 and sorted(floats) == sorted(g.quantization["kept_fp32"])
 
 
 def test_openvino_int8_output_is_the_same_alone_and_in_a_padded_batch(m3_ov_artifact: Path, scifact_dir: Path) -> None:

@@ -84,6 +84,11 @@ def test_export_detects_a_reranker_and_records_its_checks(reranker_m3_artifact: 
         assert i8.accuracy["score_pearson"] >= 0.9 and "pair_order_agreement" in i8.accuracy
         assert i8.quantization["method"] == "bge-edge per-token int8 (MatMulIntegerToFloat)"
         assert i8.quantization["batch_dependence_max_abs"]["score_max_abs_diff"] <= 1e-5
+        steps = i8.quantization["steps"]  # under the 0.999 target export also tries the V projections fp32
+        assert [st["kept_fp32"] for st in steps] == ["none"] + (["V projections"] if steps[0]["quality"] < 0.999
+                                                                 else []), steps
+        best = max(steps, key=lambda st: st["quality"])  # and keeps the better graph, rewritten if it came first
+        assert i8.quantization["chosen"] == best["kept_fp32"] and i8.accuracy["score_pearson"] == best["quality"]
     m3 = read_manifest(reranker_m3_artifact)
     assert m3.graph("fp32").linear_attention and m3.graph("int8").linear_attention  # v2-m3: long-input path
     assert not read_manifest(reranker_base_artifact).graph("fp32").linear_attention  # 512 tokens: not needed
