@@ -35,7 +35,10 @@ def m3_graph(request: pytest.FixtureRequest, m3_artifact: Path):  # type: ignore
 @pytest.mark.parametrize("length", LENGTHS)
 def test_flash_branch_matches_plain_graph(m3_graph, length: int) -> None:  # type: ignore[no-untyped-def]
     """No padding takes the flash branch; one padding column forces the plain Attention: same outputs."""
-    precision, sess = m3_graph
+    _assert_flash_matches_plain(*m3_graph, length)
+
+
+def _assert_flash_matches_plain(precision: str, sess, length: int) -> None:  # type: ignore[no-untyped-def]
     ids = np.random.default_rng(length).integers(5, 250, (1, length))
     ids[0, 0] = 0  # <s>
     flash = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
@@ -59,6 +62,29 @@ def test_flash_branch_matches_plain_graph(m3_graph, length: int) -> None:  # typ
         np.testing.assert_allclose(got, want, atol=5e-3, rtol=0)
     rows_off = np.abs(pairs[2][0] - pairs[2][1])[0].max(axis=-1) > 1e-5
     assert rows_off.sum() <= 0.01 * rows_off.size, f"{rows_off.sum()} of {rows_off.size} ColBERT rows moved over 1e-5"
+
+
+def test_int8_with_v_projections_fp32_keeps_the_flash_branch(tiny_m3_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where export keeps the V projections fp32 (all-INT8 under its 0.999 target, as on real MiniLM), an M3 graph
+    still carries the long-input branch, export's own check of it passes, and both branches agree."""
+    import bge_edge.export.check as check
+    from bge_edge.export import export_model
+
+    real, calls = check.quality, []
+
+    def quality(acc: dict[str, float]) -> float:  # the all-INT8 graph scores lower: the V step wins
+        calls.append(acc)
+        return real(acc) - (0.001 if len(calls) == 1 else 0.0)
+
+    monkeypatch.setattr(check, "quality", quality)
+    monkeypatch.setattr(check, "INT8_TARGET_COSINE", 1.01)
+    export_model(tiny_m3_dir, tmp_path / "m3", ["fp32", "int8"], quiet=True)
+    g = read_manifest(tmp_path / "m3").graph("int8")
+    assert g.quantization["chosen"] == "V projections" and len(g.quantization["kept_fp32"]) == 2
+    assert g.linear_attention and g.accuracy["flash_branch"]["dense_cosine_mean"] >= 0.999
+    for length in (513, 2049):
+        _assert_flash_matches_plain("int8", _session(tmp_path / "m3" / g.file), length)
 
 
 def _text_of(emb: Embedder, tokens: int) -> str:
