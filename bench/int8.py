@@ -438,7 +438,11 @@ def minilm(a: argparse.Namespace, texts: list[str], docs: list[str], task: Any, 
     from bench.retrieval import ndcg_at_k, rank
 
     art = artifact("minilm")
-    graphs = {k: p for k, p in candidates("minilm", full=True).items() if not a.graphs or k in a.graphs + ["dynamic"]}
+    every = candidates("minilm", full=True)
+    unknown = sorted(set(a.graphs) - set(every))
+    if unknown:
+        raise SystemExit(f"--graphs: no MiniLM candidate named {', '.join(unknown)}; choose from {', '.join(every)}")
+    graphs = {k: p for k, p in every.items() if not a.graphs or k in a.graphs + ["dynamic"]}
     rows = _tok(art, docs[:BATCH], 128)
     say("## all-MiniLM-L6-v2 (real weights)\n")
     cos, dep = {}, {}
