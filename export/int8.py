@@ -230,10 +230,13 @@ def quantize_rows(model: Any, keep_fp32: set[str], opset: int, static: dict[str,
     axes = const(np.array([-1], np.int64), "rowq_axes") if opset >= 18 else None
     flat, column = const(np.array([-1], np.int64), "rowq_flat"), const(np.array([-1, 1], np.int64), "rowq_column")
 
-    def row_max(x: str, y: str) -> Any:
+    def row_max(x: str, y: str, op: str = "ReduceMax") -> Any:
         if axes is None:
-            return helper.make_node("ReduceMax", [x], [y], name=y, keepdims=1, axes=[-1])
-        return helper.make_node("ReduceMax", [x, axes], [y], name=y, keepdims=1)
+            return helper.make_node(op, [x], [y], name=y, keepdims=1, axes=[-1])
+        return helper.make_node(op, [x, axes], [y], name=y, keepdims=1)
+
+    def row_min(x: str, y: str) -> Any:
+        return row_max(x, y, "ReduceMin")
 
     def gelu_shift(x: str) -> np.ndarray | None:
         """The shift that makes ``x`` non-negative, if x is a GELU output (or one times positive constants)."""
@@ -260,8 +263,10 @@ def quantize_rows(model: Any, keep_fp32: set[str], opset: int, static: dict[str,
             quantized[x] = (f"{p}_u8", t, zp128, None, "")
         elif x not in quantized:
             c = gelu_shift(x)
-            if c is None:
-                nodes = [helper.make_node("Abs", [x], [f"{p}_abs"], name=f"{p}_abs"), row_max(f"{p}_abs", f"{p}_max"),
+            if c is None:  # max |x| = max(max x, -min x): two read-only reductions, no |x| tensor written
+                nodes = [row_max(x, f"{p}_hi"), row_min(x, f"{p}_lo"),
+                         helper.make_node("Neg", [f"{p}_lo"], [f"{p}_nlo"], name=f"{p}_nlo"),
+                         helper.make_node("Max", [f"{p}_hi", f"{p}_nlo"], [f"{p}_max"], name=f"{p}_max"),
                          helper.make_node("Mul", [f"{p}_max", inv127], [f"{p}_s0"], name=f"{p}_s0")]
                 shifted, zp = x, zp128
             else:
@@ -303,11 +308,10 @@ def quantize_rows(model: Any, keep_fp32: set[str], opset: int, static: dict[str,
             correction = -(np.broadcast_to(c, (w.shape[0],)).astype(np.float64) @ (q.astype(np.float64) * ws))
             users = readers.get(y, [])
             bias = users[0].input[4] if (len(users) == 1 and users[0].op_type == "SkipLayerNormalization"
-                                         and len(users[0].input) > 4 and users[0].input[4] in inits
-                                         and len(readers.get(users[0].input[4], [])) == 1) else None
-            if bias is not None:
-                b = numpy_helper.to_array(inits[bias]).astype(np.float64)
-                inits[bias].CopyFrom(numpy_helper.from_array((b + correction).astype(np.float32), bias))
+                                         and len(users[0].input) > 4 and users[0].input[4] in inits) else None
+            if bias is not None:  # into the SkipLayerNormalization's bias: no Add; a shared bias (e.g. several
+                b = numpy_helper.to_array(inits[bias]).astype(np.float64)  # all-zero ones) gets its own copy
+                users[0].input[4] = const((b + correction).astype(np.float32), f"{p}_bias")
                 nodes.append(helper.make_node("Mul", [f"{p}_int", scale], [y2], name=f"{p}_rescale"))
             else:
                 corr = const(correction.astype(np.float32), f"{p}_shift_correction")

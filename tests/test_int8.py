@@ -82,6 +82,78 @@ def test_matmul_with_pair_safe_weights_is_exact_at_the_worst_activations() -> No
         assert not np.array_equal(run(plain), exact(plain)), "expected int16 saturation with plain weights here"
 
 
+def _session(nodes: list, inputs: list, outputs: list[str], inits: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                                               for o in outputs],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _run(model, feed: dict[str, np.ndarray]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def test_row_quantised_matmul_matches_integer_math_when_a_row_peaks_negative() -> None:
+    """Each token row on its own scale max|x| / 127, also where a row's largest magnitude is a negative value (the
+    graph takes max(max x, -min x)): ONNX Runtime equals per-row integer math to within one rounding flip."""
+    from onnx import TensorProto, helper
+
+    from export.int8 import pair_safe_int8, quantize_rows
+
+    rng = np.random.default_rng(1)
+    B, S, K, N = 2, 5, 48, 24
+    x = rng.standard_normal((B, S, K)).astype(np.float32)
+    x[0, :, 7] = -12.0  # these rows peak negative: a scale from max x alone would clip them
+    x[1, 2, 30] = 9.0
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    model = _session([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, K])], ["y"], {"w": w})
+    assert quantize_rows(model, set(), 17) == 1
+    got = _run(model, {"x": x})[0]
+
+    rows = x.reshape(-1, K)
+    s = np.abs(rows).max(axis=1, keepdims=True) / 127
+    u = np.clip(np.round(rows / s) + 128, 0, 255)
+    q, ws = pair_safe_int8(w)
+    want = ((u - 128) @ q.astype(np.float64)) * ws * s
+    one_code = s * (np.abs(q).max(axis=0) * ws)  # what one flipped rounding can move an output by
+    assert np.all(np.abs(got.reshape(-1, N) - want) <= 1.01 * one_code + 1e-6)
+
+
+def test_gelu_shift_correction_goes_into_a_private_copy_of_a_shared_bias() -> None:
+    """The GELU output's +0.17 shift is undone in the next SkipLayerNormalization's bias, not by an Add; where that
+    bias is shared (random-weight models tie all-zero ones), the other reader keeps the original."""
+    from onnx import TensorProto, helper
+
+    from export.int8 import quantize_rows
+
+    rng = np.random.default_rng(2)
+    T, H, F = 6, 32, 64
+    inits = {"w": rng.standard_normal((F, H)).astype(np.float32) * 0.2,
+             "g": np.ones(H, np.float32), "b0": np.zeros(H, np.float32), "bias": np.zeros(H, np.float32)}
+    nodes = [helper.make_node("Gelu", ["z"], ["act"], domain="com.microsoft"),
+             helper.make_node("MatMul", ["act", "w"], ["down"], name="down"),
+             helper.make_node("SkipLayerNormalization", ["down", "r", "g", "b0", "bias"], ["out"], domain="com.microsoft"),
+             helper.make_node("SkipLayerNormalization", ["r", "r", "g", "b0", "bias"], ["other"], domain="com.microsoft")]
+    ins = [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, T, F]),
+           helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, T, H])]
+    feed = {"z": rng.standard_normal((1, T, F)).astype(np.float32), "r": rng.standard_normal((1, T, H)).astype(np.float32)}
+    before = _run(_session(nodes, ins, ["out", "other"], inits), feed)
+    model = _session(nodes, ins, ["out", "other"], inits)
+    quantize_rows(model, set(), 17)
+    after = _run(model, feed)
+    adds = [n.name for n in model.graph.node if n.op_type == "Add"]
+    assert len(adds) == 1, f"only the shift itself is an Add, its correction is in a bias: {adds}"
+    np.testing.assert_array_equal(after[1], before[1])
+    cos = np.sum(after[0] * before[0], -1) / np.linalg.norm(after[0], axis=-1) / np.linalg.norm(before[0], axis=-1)
+    assert cos.min() >= 0.999, cos
+
+
 def test_multihead_rewrite_and_smoothing_keep_the_fp32_math(minilm_artifact: Path, tmp_path: Path) -> None:
     import onnx
 
