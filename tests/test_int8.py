@@ -4,6 +4,7 @@ saturate AVX2's int16 pair sums, the graph rewrites are exact in fp32, and real 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -82,8 +83,8 @@ def test_matmul_with_pair_safe_weights_is_exact_at_the_worst_activations() -> No
         assert not np.array_equal(run(plain), exact(plain)), "expected int16 saturation with plain weights here"
 
 
-def _session(nodes: list, inputs: list, outputs: list[str], inits: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
-    import onnx
+def _session(nodes: list[Any], inputs: list[Any], outputs: list[str], inits: dict[str, np.ndarray]) -> Any:
+    """A one-graph ONNX model (opset 17 + com.microsoft) of ``nodes``, every output float."""
     from onnx import TensorProto, helper, numpy_helper
 
     g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
@@ -92,7 +93,7 @@ def _session(nodes: list, inputs: list, outputs: list[str], inits: dict[str, np.
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
-def _run(model, feed: dict[str, np.ndarray]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+def _run(model: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
@@ -136,13 +137,15 @@ def test_gelu_shift_correction_goes_into_a_private_copy_of_a_shared_bias() -> No
     T, H, F = 6, 32, 64
     inits = {"w": rng.standard_normal((F, H)).astype(np.float32) * 0.2,
              "g": np.ones(H, np.float32), "b0": np.zeros(H, np.float32), "bias": np.zeros(H, np.float32)}
-    nodes = [helper.make_node("Gelu", ["z"], ["act"], domain="com.microsoft"),
+    ms = "com.microsoft"
+    nodes = [helper.make_node("Gelu", ["z"], ["act"], domain=ms),
              helper.make_node("MatMul", ["act", "w"], ["down"], name="down"),
-             helper.make_node("SkipLayerNormalization", ["down", "r", "g", "b0", "bias"], ["out"], domain="com.microsoft"),
-             helper.make_node("SkipLayerNormalization", ["r", "r", "g", "b0", "bias"], ["other"], domain="com.microsoft")]
+             helper.make_node("SkipLayerNormalization", ["down", "r", "g", "b0", "bias"], ["out"], domain=ms),
+             helper.make_node("SkipLayerNormalization", ["r", "r", "g", "b0", "bias"], ["other"], domain=ms)]
     ins = [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, T, F]),
            helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, T, H])]
-    feed = {"z": rng.standard_normal((1, T, F)).astype(np.float32), "r": rng.standard_normal((1, T, H)).astype(np.float32)}
+    feed = {"z": rng.standard_normal((1, T, F)).astype(np.float32),
+            "r": rng.standard_normal((1, T, H)).astype(np.float32)}
     before = _run(_session(nodes, ins, ["out", "other"], inits), feed)
     model = _session(nodes, ins, ["out", "other"], inits)
     quantize_rows(model, set(), 17)
