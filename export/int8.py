@@ -4,12 +4,11 @@ ONNX Runtime's dynamic quantisation computes one activation scale over the whole
 changes with its neighbours and its padding (3e-2 on MiniLM, issue 18). This recipe gives every token row its
 own scale, computed in the graph, and keeps everything else per channel and constant:
 
-  x (a MatMul input) -> Mul(1/s)                       SmoothQuant, LayerNorm outputs only: per-channel factors
-                                                       s = amax_x^a / amax_W^(1-a), calibrated on
-                                                       CALIBRATION_TEXTS; W' = diag(s) W
+  x (a MatMul input) -> Mul(1/s)                       SmoothQuant: per-channel factors s = amax_x^a / amax_W^(1-a),
+                                                       calibrated on CALIBRATION_TEXTS; W' = diag(s) W
                      -> per row: scale = max|x| / 127, uint8 = round(x / scale) + 128
                         (GELU outputs, >= -0.17: x + 0.17, scale = max / 255, uint8 from 0: twice the resolution;
-                        the shift's constant product with W goes into the next bias)
+                        the shift's constant product with W' goes into the next bias)
                      -> MatMulIntegerToFloat(uint8, int8 W' per column) * row scale
 
 Rows are flattened to 2-D around the MatMul so that one QuantizeLinear (per axis 0, the row scales) does the divide,
@@ -46,8 +45,7 @@ def recipe(embeddings: str, kept_fp32: list[str], alpha: float, n_texts: int) ->
                        "(no int16 saturation on AVX2)",
             "activations": "uint8 per token row, computed at run time: symmetric with zero point 128; GELU "
                            f"outputs shifted by +{GELU_MIN} from 0",
-            "smoothing": f"SmoothQuant alpha {alpha} on LayerNorm and attention outputs, calibrated on {n_texts} "
-                         "texts (GELU outputs not smoothed)",
+            "smoothing": f"SmoothQuant alpha {alpha}, calibrated on {n_texts} texts",
             "attention": "MultiHeadAttention fp32 (Q/K/V projections quantised unless kept fp32)",
             "embeddings": embeddings, "kept_fp32": kept_fp32, "batch_invariant": True}
 
@@ -115,21 +113,14 @@ def _quantizable(model: Any, keep_fp32: set[str]) -> list[Any]:
 
 
 def smooth(model: Any, absmax: dict[str, np.ndarray], alpha: float, keep_fp32: set[str]) -> dict[str, np.ndarray]:
-    """SmoothQuant: per input channel k, x_k / s_k and W[k, :] * s_k for every quantised MatMul reading x.
-
-    Not for GELU outputs (the FFN down-projection's input, 4x wider than the rest): on MiniLM smoothing them changed
-    the cosine to fp32 by 4e-5 (0.99892 without, 0.99888 with) while their Mul cost a few % of throughput
-    (bench/results/int8.md); SmoothQuant's own recipe leaves them alone too. An attention output's 1/s goes into
-    the V projection (no Mul at all)."""
+    """SmoothQuant: per input channel k, x_k / s_k and W[k, :] * s_k for every quantised MatMul reading x."""
     from onnx import helper, numpy_helper
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     readers: dict[str, list[Any]] = {}
-    gelu = {o for n in g.node if "Gelu" in n.op_type for o in n.output}
     for n in _quantizable(model, keep_fp32):
-        if n.input[0] not in gelu:
-            readers.setdefault(n.input[0], []).append(n)
+        readers.setdefault(n.input[0], []).append(n)
     muls, factors = {}, {}
     uses: dict[str, int] = {}
     for nd in g.node:
@@ -248,9 +239,16 @@ def quantize_rows(model: Any, keep_fp32: set[str], opset: int, static: dict[str,
         return row_max(x, y, "ReduceMin")
 
     def gelu_shift(x: str) -> np.ndarray | None:
-        """The shift that makes ``x`` non-negative, if x is a GELU output."""
+        """The shift that makes ``x`` non-negative, if x is a GELU output (or one times positive constants)."""
         p = producer.get(x)
-        return np.array(GELU_MIN, np.float32) if p is not None and "Gelu" in p.op_type else None
+        if p is not None and "Gelu" in p.op_type:
+            return np.array(GELU_MIN, np.float32)
+        if (p is not None and p.op_type == "Mul" and p.input[0] in producer and "Gelu" in producer[p.input[0]].op_type
+                and p.input[1] in inits):
+            k = numpy_helper.to_array(inits[p.input[1]])
+            if (k > 0).all():
+                return (GELU_MIN * k).astype(np.float32)
+        return None
 
     # x -> (uint8, row scale, zero point, shift, leading dims of x)
     quantized: dict[str, tuple[str, str, str, np.ndarray | None, str]] = {}

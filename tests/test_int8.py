@@ -190,9 +190,9 @@ def test_int8_on_real_minilm_is_close_to_fp32_over_400_scifact_documents(minilm_
     steps = g.quantization["steps"]
     print(f"int8 vs fp32 dense cosine over 400 SciFact documents: mean {cos.mean():.5f}, min {cos.min():.5f}; "
           f"export's steps {steps}")
-    # measured on an AVX2 host: 0.99926 / 0.99870 with the V projections fp32 (all-INT8: 0.99892 / 0.99833)
+    # measured on an AVX2 host: 0.99924 / 0.99882 with the V projections fp32 (all-INT8: 0.99888 / 0.99827)
     assert cos.mean() >= 0.999 and cos.min() >= 0.997
-    # all-INT8 is under the 0.999 target on the calibration texts (0.99874): the 6 V projections stay fp32
+    # all-INT8 is under the 0.999 target on the calibration texts (0.99885): the 6 V projections stay fp32
     assert g.quantization["chosen"] == "V projections" and steps[0]["quality"] < 0.999 <= steps[1]["quality"]
     floats = [n.name for n in onnx.load(str(minilm_artifact / g.file)).graph.node if n.op_type == "MatMul"]
     assert len(floats) == 6 and sorted(floats) == sorted(g.quantization["kept_fp32"])
