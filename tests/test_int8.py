@@ -83,7 +83,7 @@ def test_matmul_with_pair_safe_weights_is_exact_at_the_worst_activations() -> No
         assert not np.array_equal(run(plain), exact(plain)), "expected int16 saturation with plain weights here"
 
 
-def _session(nodes: list[Any], inputs: list[Any], outputs: list[str], inits: dict[str, np.ndarray]) -> Any:
+def _model(nodes: list[Any], inputs: list[Any], outputs: list[str], inits: dict[str, np.ndarray]) -> Any:
     """A one-graph ONNX model (opset 17 + com.microsoft) of ``nodes``, every output float."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -112,7 +112,7 @@ def test_row_quantised_matmul_matches_integer_math_when_a_row_peaks_negative() -
     x[0, :, 7] = -12.0  # these rows peak negative: a scale from max x alone would clip them
     x[1, 2, 30] = 9.0
     w = rng.standard_normal((K, N)).astype(np.float32)
-    model = _session([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, K])], ["y"], {"w": w})
     assert quantize_rows(model, set(), 17) == 1
     got = _run(model, {"x": x})[0]
@@ -146,8 +146,8 @@ def test_gelu_shift_correction_goes_into_a_private_copy_of_a_shared_bias() -> No
            helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, T, H])]
     feed = {"z": rng.standard_normal((1, T, F)).astype(np.float32),
             "r": rng.standard_normal((1, T, H)).astype(np.float32)}
-    before = _run(_session(nodes, ins, ["out", "other"], inits), feed)
-    model = _session(nodes, ins, ["out", "other"], inits)
+    before = _run(_model(nodes, ins, ["out", "other"], inits), feed)
+    model = _model(nodes, ins, ["out", "other"], inits)
     quantize_rows(model, set(), 17)
     after = _run(model, feed)
     adds = [n.name for n in model.graph.node if n.op_type == "Add"]
