@@ -230,13 +230,11 @@ def quantize_rows(model: Any, keep_fp32: set[str], opset: int, static: dict[str,
     axes = const(np.array([-1], np.int64), "rowq_axes") if opset >= 18 else None
     flat, column = const(np.array([-1], np.int64), "rowq_flat"), const(np.array([-1, 1], np.int64), "rowq_column")
 
-    def row_max(x: str, y: str, op: str = "ReduceMax") -> Any:
+    def per_row(op: str, x: str, y: str) -> Any:
+        """``op`` (ReduceMax / ReduceMin) over the last axis, kept: one value per token row."""
         if axes is None:
             return helper.make_node(op, [x], [y], name=y, keepdims=1, axes=[-1])
         return helper.make_node(op, [x, axes], [y], name=y, keepdims=1)
-
-    def row_min(x: str, y: str) -> Any:
-        return row_max(x, y, "ReduceMin")
 
     def gelu_shift(x: str) -> np.ndarray | None:
         """The shift that makes ``x`` non-negative, if x is a GELU output (or one times positive constants)."""
@@ -264,7 +262,7 @@ def quantize_rows(model: Any, keep_fp32: set[str], opset: int, static: dict[str,
         elif x not in quantized:
             c = gelu_shift(x)
             if c is None:  # max |x| = max(max x, -min x): two read-only reductions, no |x| tensor written
-                nodes = [row_max(x, f"{p}_hi"), row_min(x, f"{p}_lo"),
+                nodes = [per_row("ReduceMax", x, f"{p}_hi"), per_row("ReduceMin", x, f"{p}_lo"),
                          helper.make_node("Neg", [f"{p}_lo"], [f"{p}_nlo"], name=f"{p}_nlo"),
                          helper.make_node("Max", [f"{p}_hi", f"{p}_nlo"], [f"{p}_max"], name=f"{p}_max"),
                          helper.make_node("Mul", [f"{p}_max", inv127], [f"{p}_s0"], name=f"{p}_s0")]
@@ -272,7 +270,7 @@ def quantize_rows(model: Any, keep_fp32: set[str], opset: int, static: dict[str,
             else:
                 shift = const(c, f"{p}_shift")
                 nodes = [helper.make_node("Add", [x, shift], [f"{p}_shifted"], name=f"{p}_shifted"),
-                         row_max(f"{p}_shifted", f"{p}_max"),
+                         per_row("ReduceMax", f"{p}_shifted", f"{p}_max"),
                          helper.make_node("Mul", [f"{p}_max", inv255], [f"{p}_s0"], name=f"{p}_s0")]
                 shifted, zp = f"{p}_shifted", zp0
             # rows flattened to 2-D so QuantizeLinear divides by each row's scale itself (per axis 0): no Div pass
