@@ -23,9 +23,9 @@ Candidates (see bench/results/int8.md for what each one is and what it measured)
   per-token-plain     the same without smoothing
   static-norm         (MiniLM) per-token, but LayerNorm outputs (the Q/K/V and FFN-up inputs) on one calibrated
                       scale per tensor: QuantizeLinear only, no row scale and no rescale Mul
-  dynamic             the previous default: onnxruntime quantize_dynamic (QAttention + DynamicQuantizeMatMul,
-                      activations per tensor per batch); FFN down-projections fp32 when the all-int8 graph's
-                      calibration cosine is under 0.99, as export did
+  dynamic             export's opt-in `--int8-recipe dynamic` (export/dynamic_int8.py; the default before issue 18):
+                      onnxruntime quantize_dynamic (QAttention + DynamicQuantizeMatMul, activations per tensor per
+                      batch); FFN down-projections fp32 when the all-int8 graph's calibration cosine is under 0.99
   nbits8-b32-acc4     MatMulNBits 8-bit on the fused graph's MatMuls, Attention (Q/K/V projection) kept fp32
   qkv1-nbits8-bB-acc4 the same on export/int8.py's MultiHeadAttention form, so Q/K/V are quantised too, block B
   qdq-entropy         static QDQ: per-channel int8 weights, uint8 activations with per-tensor scales calibrated on
@@ -79,26 +79,21 @@ def nbits(fp32: Path, out: Path, block: int, accuracy: int) -> Path:
 
 
 def dynamic(fp32: Path, out: Path, keep_fp32: list[str], hidden: int) -> Path:
-    """The previous default: dynamic INT8, per-channel signed weights, activations quantised per tensor per run."""
+    """`--int8-recipe dynamic` (export/dynamic_int8.py; the default before issue 18): per-tensor scales per run."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from export import graph
+    from export.dynamic_int8 import write_dynamic_int8
     from export.longattn import add_linear_attention, remove_linear_attention
 
     if out.exists():
         return out
-    _quiet()
     model = onnx.load(str(fp32), load_external_data=True)
-    had_branch = remove_linear_attention(model) > 0  # quantised from the plain graph, then the branch, as export did
+    had_branch = remove_linear_attention(model) > 0  # quantised from the plain graph, then the branch, as export does
     plain = out.with_name(out.stem + ".plain.onnx")
     graph.save(model, plain)
     del model
-    quantize_dynamic(str(plain), str(out), op_types_to_quantize=["MatMul", "Attention", "Gather"], per_channel=True,
-                     weight_type=QuantType.QInt8, nodes_to_exclude=keep_fp32,
-                     use_external_data_format=plain.stat().st_size > 1_800_000_000 or
-                     Path(str(plain) + ".data").exists(),
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True})
+    write_dynamic_int8(plain, out, keep_fp32)
     for f in plain.parent.glob(plain.name + "*"):
         f.unlink()
     if had_branch:
@@ -109,8 +104,8 @@ def dynamic(fp32: Path, out: Path, keep_fp32: list[str], hidden: int) -> Path:
 
 
 def dynamic_as_exported(art: Path, out: Path, real_weights: bool) -> Path:
-    """`dynamic` as export wrote it: all INT8 (random weights were exported with no quality floor), or for real
-    weights with the FFN down-projections fp32 when the all-int8 calibration cosine is under 0.99."""
+    """`dynamic` as `--int8-recipe dynamic` writes it: all INT8 (random weights are exported with no quality floor),
+    or for real weights with the FFN down-projections fp32 when the all-int8 calibration cosine is under 0.99."""
     import onnx
     from bge_edge.runtime.manifest import read_manifest
 

@@ -12,7 +12,7 @@ if _missing:
                             f"pip install 'bge-edge[export]'  (on CPU-only machines install torch first from "
                             f"the CPU wheel index to avoid a multi-GB CUDA build)")
 
-from .pipeline import PRECISIONS, ExportError, export_model  # noqa: E402
+from .pipeline import INT8_RECIPES, PRECISIONS, ExportError, export_model  # noqa: E402
 from .source import SourceError  # noqa: E402
 from .synthetic import (  # noqa: E402
     FULL_BGE_SMALL,
@@ -26,6 +26,6 @@ from .synthetic import (  # noqa: E402
     build_random_model,
 )
 
-__all__ = ["export_model", "ExportError", "SourceError", "PRECISIONS", "build_random_model", "ModelShape",
-           "TINY_M3", "TINY_BERT", "FULL_M3", "FULL_BGE_SMALL", "TINY_RERANKER_M3", "TINY_RERANKER_BASE",
+__all__ = ["export_model", "ExportError", "SourceError", "PRECISIONS", "INT8_RECIPES", "build_random_model",
+           "ModelShape", "TINY_M3", "TINY_BERT", "FULL_M3", "FULL_BGE_SMALL", "TINY_RERANKER_M3", "TINY_RERANKER_BASE",
            "FULL_RERANKER_M3"]

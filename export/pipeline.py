@@ -26,13 +26,14 @@ from bge_edge.runtime.errors import ArtifactError
 from bge_edge.runtime.integrity import sha256_file
 from bge_edge.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, GraphEntry, Manifest
 
-from . import check, graph, int8
+from . import check, dynamic_int8, graph, int8
 from . import openvino as ov_export
 from .source import SourceModel, inspect_model, load_torch_modules, resolve_model
 
-__all__ = ["export_model", "ExportError", "PRECISIONS", "FORMATS"]
+__all__ = ["export_model", "ExportError", "PRECISIONS", "FORMATS", "INT8_RECIPES"]
 
 PRECISIONS = ("fp32", "int8", "fp16")
+INT8_RECIPES = ("per-token", "dynamic")  # the first is the default (export/int8.py, export/dynamic_int8.py)
 FORMATS = ("onnx", "openvino")
 _TMP_PREFIX = ".bge-edge-export-"
 
@@ -282,14 +283,15 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str],
                  precisions: Sequence[str] = ("fp32", "int8"),
                  *, kind: str = "auto", force: bool = False, min_int8_cosine: float = check.MIN_INT8_COSINE,
                  query_instruction: str | None = None, max_length: int | None = None, quiet: bool = False,
-                 formats: Sequence[str] = ("onnx",), model_id: str | None = None, stream: Any = None,
-                 _after_step: Callable[[str], None] | None = None) -> Manifest:
+                 formats: Sequence[str] = ("onnx",), model_id: str | None = None, int8_recipe: str = "per-token",
+                 stream: Any = None, _after_step: Callable[[str], None] | None = None) -> Manifest:
     """Export ``model`` (local folder or hub id) to the artifact folder ``out``; return its manifest.
 
     ``precisions`` is any of fp32, int8, fp16; ``formats`` any of onnx, openvino (each format gets each
     precision). INT8 whose mean dense cosine to FP32 on the calibration set is below ``min_int8_cosine``
     is refused (pass 0 for random-weight benchmark models). ``model_id`` names the source in the manifest
-    (default: the hub id, or what the folder says it is: ``source.local_model_id``).
+    (default: the hub id, or what the folder says it is: ``source.local_model_id``). ``int8_recipe`` for the ONNX
+    int8 graph: "per-token" (batch-invariant) or "dynamic" (faster on AVX2 without VNNI, batch-dependent; opt-in).
     """
     precisions = tuple(dict.fromkeys(precisions))
     bad = [p for p in precisions if p not in PRECISIONS]
@@ -299,6 +301,12 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str],
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise ExportError(f"unknown format(s) {bad or '(none)'}; choose from {list(FORMATS)}.")
+    if int8_recipe not in INT8_RECIPES:
+        raise ExportError(f"unknown int8 recipe {int8_recipe!r}; choose from {list(INT8_RECIPES)}.")
+    if int8_recipe != INT8_RECIPES[0] and not ("int8" in precisions and "onnx" in formats):
+        raise ExportError(f"--int8-recipe {int8_recipe} is for the ONNX int8 graph, which this export does not write "
+                          f"(precisions {list(precisions)}, formats {list(formats)}): add int8 to --precision and onnx "
+                          f"to --format, or drop --int8-recipe.")
     from bge_edge.runtime.errors import MissingExtraError
 
     try:
@@ -336,7 +344,7 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str],
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        manifest = _export_into(src, tmp, precisions, formats, min_int8_cosine, log, note)
+        manifest = _export_into(src, tmp, precisions, formats, min_int8_cosine, int8_recipe, log, note)
         _finalize(tmp, out, replace)
     except BaseException as e:
         disk = _disk_error(e, tmp, need) if isinstance(e, Exception) and not isinstance(e, ArtifactError) else None
@@ -349,7 +357,8 @@ def export_model(model: str | os.PathLike[str], out: str | os.PathLike[str],
 
 
 def _export_into(src: SourceModel, tmp: Path, precisions: tuple[str, ...], formats: tuple[str, ...],
-                 min_int8_cosine: float, log: _Progress, note: Callable[[str], None]) -> Manifest:
+                 min_int8_cosine: float, int8_recipe: str, log: _Progress,
+                 note: Callable[[str], None]) -> Manifest:
     work = tmp / ".work"
     (work / "trace").mkdir(parents=True)
     shutil.copyfile(src.path / "tokenizer.json", tmp / "tokenizer.json")
@@ -372,7 +381,7 @@ def _export_into(src: SourceModel, tmp: Path, precisions: tuple[str, ...], forma
     _release_memory()
     graphs: list[GraphEntry] = []
     if "onnx" in formats:
-        graphs += _onnx_graphs(src, tmp, traced, precisions, ids, pad, ref, min_int8_cosine, log, note)
+        graphs += _onnx_graphs(src, tmp, traced, precisions, ids, pad, ref, min_int8_cosine, int8_recipe, log, note)
     if "openvino" in formats:
         graphs += _openvino_graphs(src, tmp, traced, precisions, ids, ref, min_int8_cosine, log, note)
     shutil.rmtree(work)
@@ -392,7 +401,7 @@ def _export_into(src: SourceModel, tmp: Path, precisions: tuple[str, ...], forma
 
 
 def _onnx_graphs(src: SourceModel, tmp: Path, traced: Path, precisions: tuple[str, ...], ids: list[list[int]],
-                 pad: int, ref: list[list[Any]], min_int8_cosine: float, log: _Progress,
+                 pad: int, ref: list[list[Any]], min_int8_cosine: float, int8_recipe: str, log: _Progress,
                  note: Callable[[str], None]) -> list[GraphEntry]:
     """The fused ONNX Runtime graphs (fp32, int8, fp16), each checked; the fp32 file is dropped if not asked for."""
     fp32 = tmp / "model.fp32.onnx"
@@ -418,7 +427,7 @@ def _onnx_graphs(src: SourceModel, tmp: Path, traced: Path, precisions: tuple[st
                                  external_data=tuple(fp32_extra), fused=True, quantization=quant_note,
                                  accuracy={"reference": "pytorch fp32", "n_texts": len(ids), **par}))
     if "int8" in precisions:
-        g, files = _int8(src, tmp, fp32, ids, pad, got32, min_int8_cosine, log)
+        g, files = _int8(src, tmp, fp32, ids, pad, got32, min_int8_cosine, int8_recipe, log)
         graphs.append(g)
         graphs_files["int8"] = files
         note("int8")
@@ -524,11 +533,12 @@ def _openvino_int8(tmp: Path, traced: Path, ids: list[list[int]], ref: list[list
 
 
 def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: int, got32: list[list[Any]],
-          min_cos: float, log: _Progress) -> tuple[GraphEntry, list[str]]:
+          min_cos: float, recipe: str, log: _Progress) -> tuple[GraphEntry, list[str]]:
     """Per-token INT8 (export/int8.py): all MatMuls int8; under check.INT8_TARGET_COSINE, again with the V projections
     fp32 (2-6 % slower, a third of the loss on real MiniLM); if the best is under the floor ``min_cos``, again with
     the FFN down-projections fp32 too. Keeps the best graph over the floor (so the first that meets the target);
-    refuses when none is over it. Every step's figure goes into the manifest.
+    refuses when none is over it. Every step's figure goes into the manifest. ``recipe`` "dynamic"
+    (export/dynamic_int8.py, opt-in): all MatMuls int8, then the FFN down-projections fp32 under the floor, as before.
     """
     import onnx
 
@@ -536,10 +546,11 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
     plain = onnx.load(str(fp32), load_external_data=False)  # nodes of the fused fp32 graph, read once
     values, down = int8.value_projections(plain), graph.ffn_down_projections(plain)
     del plain
-    target = check.INT8_TARGET_COSINE
+    target = check.INT8_TARGET_COSINE if recipe == "per-token" else None
     # (what is kept fp32, its MatMuls, the best quality so far under which this step is tried)
     ladder = [("none", [], math.inf), ("V projections", values, target),
-              ("V projections and FFN down-projections", values + down, min_cos)]
+              ("V projections and FFN down-projections", values + down, min_cos)] if target is not None else [
+        ("none", [], math.inf), ("FFN down-projections", down, min_cos)]
     acc: dict[str, Any] = {}
     extra: list[str] = []
     quant: dict[str, Any] = {}
@@ -548,9 +559,11 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
 
     def build(what: str, keep: list[str]) -> float:
         nonlocal extra, quant, acc, batched
-        with log.step("quantising to int8, per token" + (f" ({what} kept fp32)" if keep else "")):
+        with log.step(f"quantising to int8, {'per token' if target is not None else 'dynamic (per batch)'}"
+                      + (f" ({what} kept fp32)" if keep else "")):
             try:
-                extra, quant = int8.write_int8(fp32, i8, ids, keep_fp32=keep)
+                extra, quant = (int8.write_int8(fp32, i8, ids, keep_fp32=keep) if target is not None else
+                                dynamic_int8.write_dynamic_int8(fp32, i8, keep))
             except ValueError as e:  # a graph form the per-token rewrite does not handle (export/int8.py)
                 raise ExportError(f"cannot quantise this model to int8: {e}. Export fp32 (and fp16) instead, and "
                                   f"please report the model id with this message.") from e
@@ -582,7 +595,8 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
     if chosen != len(steps) - 1:  # a later step scored lower: write the chosen graph again
         log.say(f"keeping the graph with {steps[chosen]['kept_fp32']} kept fp32: the best over the floor")
         build(steps[chosen]["kept_fp32"], tried[chosen])
-    quant = {**quant, "quality_target": target, "steps": steps, "chosen": steps[chosen]["kept_fp32"]}
+    quant = {**quant, **({"quality_target": target} if target is not None else {}), "steps": steps,
+             "chosen": steps[chosen]["kept_fp32"]}
     with log.step("measuring int8 batch dependence (each text alone vs in padded batches of 8)"):
         dep = check.parity(check.run_graph(i8, ids, pad, batch=1), batched)
     log.say(f"int8 batch dependence (max abs): {dep}")

@@ -256,8 +256,8 @@ class Embedder:
                 "heads": list(m.heads), "pooling": m.pooling, "hidden_size": m.hidden_size,
                 "max_length": m.max_length, "precision": self.precision, "graph": self.graph.file,
                 "backend": self.backend, "backend_reason": self.backend_reason, "device": self.device,
-                "providers": self.providers,
-                "accuracy": dict(self.graph.accuracy), "max_batch_tokens": MAX_BATCH_TOKENS,
+                "providers": self.providers, "accuracy": dict(self.graph.accuracy),
+                "batch_invariant": self.graph.batch_invariant, "max_batch_tokens": MAX_BATCH_TOKENS,
                 "max_memory_mb": self.max_memory_mb or DEFAULT_MEMORY_MB,
                 "long_inputs": (f"over {LINEAR_ATTENTION_FROM} tokens: alone, unpadded, flash attention (linear memory)"
                                 if self.graph.linear_attention else "padded batches, full attention matrix")}

@@ -52,6 +52,12 @@ class GraphEntry:
     quantization: Mapping[str, Any] = field(default_factory=dict)  # how it was quantised (method, ops kept)
     accuracy: Mapping[str, Any] = field(default_factory=dict)  # measured vs the fp32 graph / reference
 
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a text's outputs are the same alone and in any batch: what the quantisation record says; older
+        artifacts without the key: all but ONNX INT8, which was ONNX Runtime's per-batch dynamic recipe then."""
+        return bool(self.quantization.get("batch_invariant", not (self.precision == "int8" and self.format == "onnx")))
+
 
 @dataclass(frozen=True)
 class Manifest:

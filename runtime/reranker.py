@@ -150,6 +150,7 @@ class Reranker:
                 "default_max_length": min(DEFAULT_MAX_LENGTH, m.max_length), "precision": self.precision,
                 "graph": self.graph.file, "backend": self.backend, "backend_reason": self.backend_reason,
                 "device": self.device, "providers": self.providers, "accuracy": dict(self.graph.accuracy),
+                "batch_invariant": self.graph.batch_invariant,
                 "max_batch_tokens": MAX_BATCH_TOKENS,
                 "long_inputs": (f"over {LINEAR_ATTENTION_FROM} tokens: alone, unpadded, flash attention (linear memory)"
                                 if self.graph.linear_attention else "padded batches, full attention matrix")}

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -69,6 +70,63 @@ def test_int8_graph_quantises_every_matmul_per_token(m3_artifact: Path) -> None:
     assert g.quantization["kept_fp32"] == [] and g.quantization["batch_invariant"] is True
     assert max(g.quantization["batch_dependence_max_abs"].values()) <= 1e-5
     assert g.accuracy["dense_cosine_mean"] >= 0.99
+
+
+def test_dynamic_int8_recipe_is_opt_in_and_its_manifest_says_it_depends_on_the_batch(tiny_m3_dir: Path,
+                                                                                      tmp_path: Path) -> None:
+    """`--int8-recipe dynamic` writes ONNX Runtime's dynamic graph (QAttention, DynamicQuantizeLinear +
+    MatMulInteger; faster on AVX2 without VNNI); its manifest says it is not batch-invariant and records the batch
+    dependence export measured; it runs all three M3 heads through the runtime close to fp32."""
+    import onnx
+
+    out = tmp_path / "dyn"
+    r = _cli("export", str(tiny_m3_dir), "--out", str(out), "--precision", "fp32", "int8", "--int8-recipe", "dynamic")
+    assert r.returncode == 0, r.stderr
+    g = read_manifest(out).graph("int8")
+
+    def ops(graph: Any) -> set[str]:  # the attention nodes sit inside the flash branch's If (longattn.py)
+        return {n.op_type for n in graph.node} | {o for n in graph.node for a in n.attribute if a.g.node
+                                                  for o in ops(a.g)}
+
+    found = ops(onnx.load(str(out / g.file)).graph)
+    assert {"QAttention", "DynamicQuantizeLinear", "MatMulInteger"} <= found and "QuantizeLinear" not in found
+    assert g.quantization["method"].startswith("onnxruntime dynamic int8")
+    assert g.quantization["batch_invariant"] is False and "quality_target" not in g.quantization
+    assert g.quantization["embeddings"] == "int8 per tensor (Gather)"
+    assert max(g.quantization["batch_dependence_max_abs"].values()) > 1e-5  # measured: the reason it is opt-in
+    assert [st["kept_fp32"] for st in g.quantization["steps"]] == ["none"] and g.accuracy["dense_cosine_mean"] >= 0.99
+    texts = ["a short one", "and a somewhat longer sentence about quantisation " * 4]
+    i8 = Embedder(out, precision="int8").encode(texts, return_sparse=True, return_colbert_vecs=True)
+    f32 = Embedder(out, precision="fp32").encode(texts, return_sparse=True, return_colbert_vecs=True)
+    assert (i8["dense_vecs"] * f32["dense_vecs"]).sum(1).min() > 0.99
+    assert Embedder(out, precision="int8").info()["batch_invariant"] is False
+    assert Embedder(out, precision="fp32").info()["batch_invariant"] is True
+    assert [len(c) for c in i8["colbert_vecs"]] == [len(c) for c in f32["colbert_vecs"]]
+    assert all(set(a) == set(b) for a, b in zip(i8["lexical_weights"], f32["lexical_weights"]))
+
+
+def test_batch_invariance_of_a_graph_without_the_record_follows_the_recipe_of_its_time() -> None:
+    """Artifacts exported before the manifest said `batch_invariant`: their ONNX INT8 was the per-batch dynamic
+    recipe; OpenVINO INT8 (static scales) and float graphs were batch-invariant."""
+    from bge_edge.runtime.manifest import GraphEntry
+
+    old_dynamic = GraphEntry("model.int8.onnx", "onnx", "int8", quantization={"method": "onnxruntime dynamic int8"})
+    assert old_dynamic.batch_invariant is False
+    assert GraphEntry("openvino/model.int8.xml", "openvino", "int8").batch_invariant is True
+    assert GraphEntry("model.fp32.onnx", "onnx", "fp32", quantization={"method": "none"}).batch_invariant is True
+    assert GraphEntry("model.int8.onnx", "onnx", "int8", quantization={"batch_invariant": True}).batch_invariant
+
+
+def test_int8_recipe_is_checked_before_any_work(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from bge_edge.export import ExportError, export_model
+
+    with pytest.raises(ExportError, match=r"unknown int8 recipe 'static'; choose from \['per-token', 'dynamic'\]"):
+        export_model(tiny_bert_dir, tmp_path / "out", ["int8"], int8_recipe="static")
+    with pytest.raises(ExportError, match="is for the ONNX int8 graph, which this export does not write"):
+        export_model(tiny_bert_dir, tmp_path / "out", ["fp32"], int8_recipe="dynamic")
+    r = _cli("export", str(tiny_bert_dir), "--out", str(tmp_path / "out"), "--int8-recipe", "static")
+    assert r.returncode == 2 and "invalid choice: 'static'" in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_dense_model_exports_cls_and_query_instruction(bert_artifact: Path) -> None:

@@ -124,6 +124,28 @@ def test_health_ready_info(m3: tuple[TestClient, Embedder]) -> None:
     assert info["batching"]["batch_wait_ms"] == 2.0
 
 
+def test_a_batch_dependent_int8_graph_is_named_in_info_and_warned_about_at_ready(
+        tiny_m3_dir: Path, m3_artifact: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A graph exported with `--int8-recipe dynamic` changes with the requests micro-batched beside it: /info says
+    batch_invariant false and the ready log warns; the default per-token int8 graph says true and logs no warning."""
+    import functools
+    import logging
+
+    from bge_edge.export import export_model
+
+    export_model(tiny_m3_dir, tmp_path / "dyn", ["int8"], int8_recipe="dynamic", quiet=True)
+    for art, invariant in ((tmp_path / "dyn", False), (m3_artifact, True)):
+        emb = Embedder(art, precision="int8", hash_cache=tmp_path / "hc")
+        app = create_app(ServeConfig(artifact=str(art)), functools.partial(EmbedderEngine, emb))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="bge_edge.serve"), TestClient(app) as c:
+            wait_ready(c)
+            assert c.get("/info").json()["batch_invariant"] is invariant
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert (warned != []) is not invariant, warned
+        assert all("--int8-recipe dynamic" in w for w in warned)
+
+
 def test_dense_artifact_has_no_sparse_or_colbert(bert_artifact: Path, tmp_path: Path) -> None:
     app, emb = client_for(bert_artifact, tmp_path)
     with TestClient(app) as c:

@@ -375,6 +375,10 @@ def create_app(config: ServeConfig, load: Callable[[], Engine],
                 st.reranker = rr
             st.ready = True
             log.info("bge-edge: model %s ready (%s)", st.model_name, info.get("precision"))
+            if not info.get("batch_invariant", True):
+                log.warning("bge-edge: the %s graph was exported with --int8-recipe dynamic: a text's vector depends "
+                            "on the requests batched with it (export with the default per-token recipe for "
+                            "batch-invariant int8)", info.get("precision"))
         except asyncio.CancelledError:
             raise
         except Exception as e:
