@@ -1,7 +1,7 @@
 """INT8 recipes for ONNX Runtime, measured against the previous default (dynamic INT8) in one run (issue 18).
 
-    python -m bench.int8 [--rounds 3] [--texts 300] [--docs 400] [--ndcg fp32,per-token,dynamic] [--m3-full]
-                         [--openvino] [--skip-minilm] [--graphs a,b] [--attribution]
+    python -m bench.int8 [--rounds 3] [--texts 300] [--docs 400] [--queries 200] [--ndcg fp32,per-token,dynamic]
+                         [--m3-full] [--openvino] [--skip-minilm] [--graphs a,b] [--attribution]
 
 Every candidate is built from the same fused fp32 graph of the export (or, for static QDQ, from the same traced
 graph), into ``bench/.cache/int8`` (needs the [export] extra). For each it prints:
@@ -11,6 +11,7 @@ graph), into ``bench/.cache/int8`` (needs the [export] extra). For each it print
   - batch dependence: a text alone (unpadded) vs the same text inside a batch of 32 (padded to the batch's
     longest) and inside that batch padded 64 tokens further, max abs difference of the dense vector (and of M3's
     sparse weights and ColBERT rows on the tiny M3);
+  - one-query latency: median ms of a SciFact query encoded alone (a sidecar's case), queries interleaved;
   - SciFact nDCG@10 for the graphs named by ``--ndcg`` (all 5,183 documents: minutes per graph), file size.
 Models: real all-MiniLM-L6-v2 (everything), the bge-small shape with random weights (speed and batch
 dependence), the tiny random M3 (batch dependence of all three heads); ``--m3-full`` adds full-shape random
@@ -375,6 +376,32 @@ def throughput(art: Path, graphs: dict[str, Path], texts: list[str], rounds: int
     return {k: [a / b for a, b in zip(v, tps["dynamic"])] for k, v in tps.items()}
 
 
+def latency(art: Path, graphs: dict[str, Path], queries: list[str]) -> dict[str, float]:
+    """Median ms of one query encoded alone through the runtime (a sidecar's case), each query run on every graph
+    in turn (alternating the order) so that drift on a shared host hits all graphs alike."""
+    from bge_edge.runtime import Embedder
+
+    emb = Embedder(art, precision="int8", backend="onnxruntime")
+    so = emb._session.get_session_options()  # noqa: SLF001
+    import onnxruntime as ort
+
+    sessions = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for k, p in graphs.items()}
+    ms: dict[str, list[float]] = {k: [] for k in sessions}
+    order = list(sessions.items())
+    for i, q in enumerate(queries[:20] + queries):  # the first 20: warm-up, not timed
+        for k, s in order if i % 2 == 0 else order[::-1]:
+            emb._session = s  # noqa: SLF001
+            t = time.perf_counter()
+            emb.encode([q], max_length=MAX_LENGTH)
+            if i >= 20:
+                ms[k].append((time.perf_counter() - t) * 1000)
+    return {k: statistics.median(v) for k, v in ms.items()}
+
+
+def _latency_cell(ms: dict[str, float], k: str) -> str:
+    return f"{ms[k]:.2f} ({ms['dynamic'] / ms[k]:.2f}x)"
+
+
 def encode_all(art: Path, path: Path, texts: list[str]) -> np.ndarray:
     import onnxruntime as ort
     from bge_edge.runtime import Embedder
@@ -447,6 +474,7 @@ def minilm(a: argparse.Namespace, texts: list[str], docs: list[str], task: Any, 
         dep[k] = batch_dependence(ort_runner(p, so), rows, 0)
         print(f"  {k}: cosine {cos[k]}, batch {dep[k]}", flush=True)
     ratios = throughput(art, graphs, texts, a.rounds)
+    lat = latency(art, graphs, task.queries[:a.queries])
     nd: dict[str, float] = {}
     for k in wanted_ndcg:
         if k in graphs:
@@ -458,12 +486,14 @@ def minilm(a: argparse.Namespace, texts: list[str], docs: list[str], task: Any, 
         f"{a.rounds} interleaved rounds, ratio of tokens/s to the dynamic graph in the same round: median (range). "
         f"Cosine: dense, to the fp32 graph, {len(docs)} SciFact documents. Batch dependence: max abs dense "
         f"difference of {BATCH} SciFact documents (<= 128 tokens) alone vs in one batch / that batch padded "
-        f"{LONGER} tokens further. nDCG@10: all {len(task.docs):,} SciFact documents, MTEB protocol.\n")
-    say("| graph | throughput vs dynamic | cosine to fp32 mean / min | batch dependence (batch / longer) | "
-        "SciFact nDCG@10 | file MB |")
-    say("|---|---|---|---|---|---|")
+        f"{LONGER} tokens further. nDCG@10: all {len(task.docs):,} SciFact documents, MTEB protocol. Query "
+        f"latency: median ms of one SciFact query alone ({a.queries} queries, each on every graph in turn; in "
+        f"brackets the speed vs dynamic).\n")
+    say("| graph | throughput vs dynamic | query latency ms | cosine to fp32 mean / min | batch dependence (batch / "
+        "longer) | SciFact nDCG@10 | file MB |")
+    say("|---|---|---|---|---|---|---|")
     for k, p in graphs.items():
-        say(f"| {k} | {_ratio_cell(ratios[k])} | {cos[k][0]:.5f} / {cos[k][1]:.5f} | "
+        say(f"| {k} | {_ratio_cell(ratios[k])} | {_latency_cell(lat, k)} | {cos[k][0]:.5f} / {cos[k][1]:.5f} | "
             f"{dep[k]['dense_batch']:.1e} / {dep[k]['dense_longer']:.1e} | "
             f"{f'{nd[k]:.2f}' if k in nd else '-'} | {_size(p)} |")
 
@@ -518,22 +548,23 @@ def attribution(docs: list[str], say: Callable[[str], None]) -> None:
             f"{(cos[0] - full[0]) / (1 - full[0]):.0%} |")
 
 
-def random_weights(name: str, title: str, timed: bool, texts: list[str], docs: list[str], rounds: int, so: Any,
-                   say: Callable[[str], None]) -> None:
+def random_weights(name: str, title: str, timed: bool, texts: list[str], docs: list[str], queries: list[str],
+                   rounds: int, so: Any, say: Callable[[str], None]) -> None:
     """A random-weight shape: throughput (if ``timed``) and batch dependence of every output, per candidate."""
     art = artifact(name)
     graphs = candidates(name, full=False)
     m3 = name != "bge-small"
     rows = _tok(art, docs[:BATCH], 128)
     ratios = throughput(art, graphs, texts, rounds) if timed else {}
+    lat = latency(art, graphs, queries) if timed else {}
     say(f"\n## {title}, random weights: {'speed and ' if timed else ''}batch dependence\n")
     heads = ("dense", "sparse", "colbert") if m3 else ("dense",)
-    say("| graph | " + ("throughput vs dynamic | " if timed else "")
+    say("| graph | " + ("throughput vs dynamic | query latency ms | " if timed else "")
         + " | ".join(f"{h} (batch / longer)" for h in heads) + " | file MB |")
-    say("|---|" + ("---|" if timed else "") + "---|" * len(heads) + "---|")
+    say("|---|" + ("---|---|" if timed else "") + "---|" * len(heads) + "---|")
     for k, p in graphs.items():
         d = batch_dependence(ort_runner(p, so), rows, 1 if m3 else 0)
-        say(f"| {k} | " + (f"{_ratio_cell(ratios[k])} | " if timed else "")
+        say(f"| {k} | " + (f"{_ratio_cell(ratios[k])} | {_latency_cell(lat, k)} | " if timed else "")
             + " | ".join(f"{d[h + '_batch']:.1e} / {d[h + '_longer']:.1e}" for h in heads) + f" | {_size(p)} |")
 
 
@@ -542,6 +573,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--texts", type=int, default=300, help="mixed corpus texts per throughput pass")
     ap.add_argument("--docs", type=int, default=400, help="SciFact documents for the cosine to fp32")
+    ap.add_argument("--queries", type=int, default=200, help="SciFact queries for the one-query latency")
     ap.add_argument("--ndcg", default="fp32,per-token,dynamic",
                     help="comma-separated graphs to score on all of SciFact ('' for none)")
     ap.add_argument("--openvino", action="store_true", help="also the OpenVINO INT8 graph's batch dependence")
@@ -602,7 +634,7 @@ def main() -> None:
                                ("tiny-m3", "tiny M3 (2 layers x 32)", False),
                                *((("m3-full", "full-shape BGE-M3 (24 x 1024, vocab 250,002)", True),)
                                  if a.m3_full else ())):
-        random_weights(name, title, timed, texts, docs, a.rounds, so, say)
+        random_weights(name, title, timed, texts, docs, task.queries[:a.queries], a.rounds, so, say)
     if a.openvino:
         say("\n## OpenVINO INT8 (NNCF static, as export writes it): batch dependence\n")
         ov_art = WORK / "minilm-ov"
