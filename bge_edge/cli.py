@@ -237,9 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--min-int8-cosine", type=float, default=0.99,
                    help="refuse INT8 whose mean dense cosine (rerankers: score Pearson correlation) to FP32 is below "
                         "this (0 for random-weight models)")
-    e.add_argument("--int8-recipe", default="per-token", choices=["per-token", "dynamic"],
+    e.add_argument("--int8-recipe", default="per-token", choices=["per-token", "dynamic"],  # export's INT8_RECIPES
                    help="ONNX int8: per-token (default: a text's output never depends on its batch) or dynamic "
-                        "(ONNX Runtime's per-batch scales: 6-18 %% faster on AVX2 without VNNI, batch-dependent)")
+                        "(ONNX Runtime's per-batch scales: faster on AVX2 without VNNI, but batch-dependent and "
+                        "less close to fp32)")
     e.add_argument("--query-instruction", default=None, help="override the query instruction recorded")
     e.add_argument("--max-length", type=int, default=None, help="override the model's max length")
     e.add_argument("--model-id", default=None,

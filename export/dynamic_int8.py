@@ -3,7 +3,8 @@
 The recipe export wrote before issue 18. Its activations get one scale per run, over the whole batch, so a text's
 output depends on its batch neighbours and its padding (3e-2 max abs on real MiniLM), and it is further from fp32
 (cosine 0.9967 vs the per-token recipe's 0.9992). It is kept for one reason: on AVX2 hosts without VNNI it is
-6-18 % faster than the per-token graph (bench/results/int8.md), which a throughput-first user may prefer.
+faster than the per-token graph (1.08-1.23x corpus throughput, 1.19-1.34x one query alone; bench/results/int8.md),
+which a throughput-first user may prefer.
 """
 
 from __future__ import annotations

@@ -546,11 +546,14 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
     plain = onnx.load(str(fp32), load_external_data=False)  # nodes of the fused fp32 graph, read once
     values, down = int8.value_projections(plain), graph.ffn_down_projections(plain)
     del plain
-    target = check.INT8_TARGET_COSINE if recipe == "per-token" else None
+    dynamic = recipe == "dynamic"
+    target = None if dynamic else check.INT8_TARGET_COSINE
     # (what is kept fp32, its MatMuls, the best quality so far under which this step is tried)
-    ladder = [("none", [], math.inf), ("V projections", values, target),
-              ("V projections and FFN down-projections", values + down, min_cos)] if target is not None else [
-        ("none", [], math.inf), ("FFN down-projections", down, min_cos)]
+    if target is None:
+        ladder = [("none", [], math.inf), ("FFN down-projections", down, min_cos)]
+    else:
+        ladder = [("none", [], math.inf), ("V projections", values, target),
+                  ("V projections and FFN down-projections", values + down, min_cos)]
     acc: dict[str, Any] = {}
     extra: list[str] = []
     quant: dict[str, Any] = {}
@@ -559,11 +562,11 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
 
     def build(what: str, keep: list[str]) -> float:
         nonlocal extra, quant, acc, batched
-        with log.step(f"quantising to int8, {'per token' if target is not None else 'dynamic (per batch)'}"
+        with log.step(f"quantising to int8, {'dynamic (per batch)' if dynamic else 'per token'}"
                       + (f" ({what} kept fp32)" if keep else "")):
             try:
-                extra, quant = (int8.write_int8(fp32, i8, ids, keep_fp32=keep) if target is not None else
-                                dynamic_int8.write_dynamic_int8(fp32, i8, keep))
+                extra, quant = (dynamic_int8.write_dynamic_int8(fp32, i8, keep) if dynamic else
+                                int8.write_int8(fp32, i8, ids, keep_fp32=keep))
             except ValueError as e:  # a graph form the per-token rewrite does not handle (export/int8.py)
                 raise ExportError(f"cannot quantise this model to int8: {e}. Export fp32 (and fp16) instead, and "
                                   f"please report the model id with this message.") from e
