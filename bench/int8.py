@@ -352,16 +352,21 @@ def _tok(art: Path, texts: list[str], max_length: int) -> list[list[int]]:
     return check.tokenize(art / "tokenizer.json", texts, max_length)
 
 
-def throughput(art: Path, graphs: dict[str, Path], texts: list[str], rounds: int) -> dict[str, list[float]]:
-    """Interleaved rounds of the runtime's corpus encode, one session per graph with the runtime's settings;
-    returns name -> per-round ratio to the dynamic graph, the previous default (tokens/s)."""
+def _runtime_sessions(art: Path, graphs: dict[str, Path]) -> tuple[Any, dict[str, Any]]:
+    """An Embedder of ``art`` and one ONNX Runtime session per graph with the runtime's own session settings; a
+    graph runs through the runtime's encode once its session is put in the Embedder's place."""
+    import onnxruntime as ort
     from bge_edge.runtime import Embedder
 
     emb = Embedder(art, precision="int8", backend="onnxruntime")
     so = emb._session.get_session_options()  # noqa: SLF001  (same settings for every graph)
-    import onnxruntime as ort
+    return emb, {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for k, p in graphs.items()}
 
-    sessions = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for k, p in graphs.items()}
+
+def throughput(art: Path, graphs: dict[str, Path], texts: list[str], rounds: int) -> dict[str, list[float]]:
+    """Interleaved rounds of the runtime's corpus encode, one session per graph with the runtime's settings;
+    returns name -> per-round ratio to the dynamic graph, the previous default (tokens/s)."""
+    emb, sessions = _runtime_sessions(art, graphs)
     for s in sessions.values():  # warm-up
         emb._session = s  # noqa: SLF001
         emb.encode(texts[:64], max_length=MAX_LENGTH)
@@ -379,13 +384,7 @@ def throughput(art: Path, graphs: dict[str, Path], texts: list[str], rounds: int
 def latency(art: Path, graphs: dict[str, Path], queries: list[str]) -> dict[str, float]:
     """Median ms of one query encoded alone through the runtime (a sidecar's case), each query run on every graph
     in turn (alternating the order) so that drift on a shared host hits all graphs alike."""
-    from bge_edge.runtime import Embedder
-
-    emb = Embedder(art, precision="int8", backend="onnxruntime")
-    so = emb._session.get_session_options()  # noqa: SLF001
-    import onnxruntime as ort
-
-    sessions = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for k, p in graphs.items()}
+    emb, sessions = _runtime_sessions(art, graphs)
     ms: dict[str, list[float]] = {k: [] for k in sessions}
     order = list(sessions.items())
     for i, q in enumerate(queries[:20] + queries):  # the first 20: warm-up, not timed
@@ -403,12 +402,8 @@ def _latency_cell(ms: dict[str, float], k: str) -> str:
 
 
 def encode_all(art: Path, path: Path, texts: list[str]) -> np.ndarray:
-    import onnxruntime as ort
-    from bge_edge.runtime import Embedder
-
-    emb = Embedder(art, precision="int8", backend="onnxruntime")
-    emb._session = ort.InferenceSession(str(path), emb._session.get_session_options(),  # noqa: SLF001
-                                        providers=["CPUExecutionProvider"])
+    emb, sessions = _runtime_sessions(art, {"graph": path})
+    emb._session = sessions["graph"]  # noqa: SLF001
     return np.asarray(emb.encode(texts, max_length=MAX_LENGTH)["dense_vecs"])
 
 
