@@ -44,8 +44,8 @@ def write_dynamic_int8(fp32: Path, out: Path, keep_fp32: list[str]) -> tuple[lis
         logging.getLogger().setLevel(level)
     extra = [p.name for p in [out.with_name(out.name + ".data")] if p.exists()]
     g = onnx.load(str(out), load_external_data=False).graph
-    small = {t.name for t in g.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
-    tables = any(n.op_type == "Gather" and n.input[0] in small for n in g.node)
+    int8_tensors = {t.name for t in g.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    tables = any(n.op_type == "Gather" and n.input[0] in int8_tensors for n in g.node)
     fused = any(n.op_type == "EmbedLayerNormalization" for n in g.node)  # which the quantiser leaves alone
     embeddings = ("int8 per tensor (Gather)" if tables else
                   "fp32 (inside the fused EmbedLayerNormalization)" if fused else "fp32")

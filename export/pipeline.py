@@ -547,9 +547,9 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
     values, down = int8.value_projections(plain), graph.ffn_down_projections(plain)
     del plain
     dynamic = recipe == "dynamic"
-    target = None if dynamic else check.INT8_TARGET_COSINE
+    target = check.INT8_TARGET_COSINE  # per-token only: the dynamic recipe keeps its old ladder, floor only
     # (what is kept fp32, its MatMuls, the best quality so far under which this step is tried)
-    if target is None:
+    if dynamic:
         ladder = [("none", [], math.inf), ("FFN down-projections", down, min_cos)]
     else:
         ladder = [("none", [], math.inf), ("V projections", values, target),
@@ -598,7 +598,7 @@ def _int8(src: SourceModel, tmp: Path, fp32: Path, ids: list[list[int]], pad: in
     if chosen != len(steps) - 1:  # a later step scored lower: write the chosen graph again
         log.say(f"keeping the graph with {steps[chosen]['kept_fp32']} kept fp32: the best over the floor")
         build(steps[chosen]["kept_fp32"], tried[chosen])
-    quant = {**quant, **({"quality_target": target} if target is not None else {}), "steps": steps,
+    quant = {**quant, **({} if dynamic else {"quality_target": target}), "steps": steps,
              "chosen": steps[chosen]["kept_fp32"]}
     with log.step("measuring int8 batch dependence (each text alone vs in padded batches of 8)"):
         dep = check.parity(check.run_graph(i8, ids, pad, batch=1), batched)

@@ -376,9 +376,10 @@ def create_app(config: ServeConfig, load: Callable[[], Engine],
             st.ready = True
             log.info("bge-edge: model %s ready (%s)", st.model_name, info.get("precision"))
             if not info.get("batch_invariant", True):
-                log.warning("bge-edge: the %s graph was exported with --int8-recipe dynamic: a text's vector depends "
-                            "on the requests batched with it (export with the default per-token recipe for "
-                            "batch-invariant int8)", info.get("precision"))
+                log.warning("bge-edge: the %s graph uses per-batch activation scales (--int8-recipe dynamic, or an "
+                            "artifact exported before per-token INT8): a text's vector depends on the requests "
+                            "batched with it; re-export with the default recipe for batch-invariant int8",
+                            info.get("precision"))
         except asyncio.CancelledError:
             raise
         except Exception as e:
